@@ -1,0 +1,3 @@
+from usersyncd.cli import main
+
+raise SystemExit(main())

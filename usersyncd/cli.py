@@ -1,0 +1,94 @@
+"""Command line: argument parsing only; each command calls the module that holds its logic.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from usersyncd import __version__, config, db, log
+from usersyncd.errors import ConfigError, UserSyncError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", required=True, metavar="PATH", help="the TOML config file")
+    parser.add_argument(
+        "--database-url", metavar="URL", help="overrides database.url and USERSYNCD_DATABASE_URL"
+    )
+    parser.add_argument(
+        "--set",
+        dest="assignments",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key (the value is read as TOML), e.g. --set limits.window=2.0",
+    )
+
+
+def load(args: argparse.Namespace) -> config.Config:
+    """The configuration with flag overrides applied, and logging set up from it."""
+    overrides: dict[str, Any] = dict(config.parse_assignment(a) for a in args.assignments)
+    if args.database_url:
+        overrides["database.url"] = args.database_url
+    loaded = config.load_config(args.config, overrides=overrides)
+    log.configure(loaded.log.level, loaded.log.format, secrets=loaded.secrets)
+    return loaded
+
+
+async def _migrate(cfg: config.Config) -> int:
+    pool = await db.create_pool(cfg.database.url, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            applied = await db.migrate(conn, cfg.database.state_schema)
+            version = await db.schema_version(conn, cfg.database.state_schema)
+    finally:
+        await pool.close()
+    if applied:
+        print(f"applied migrations {', '.join(map(str, applied))}; schema version {version}")
+    else:
+        print(f"schema {cfg.database.state_schema!r} is up to date (version {version})")
+    return EXIT_OK
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    return asyncio.run(_migrate(load(args)))
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "migrate": (cmd_migrate, "create or upgrade usersyncd's own tables"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="usersyncd",
+        description="Keep a subscriber API in sync with a PostgreSQL users table, under a hard quota.",
+    )
+    parser.add_argument("--version", action="version", version=f"usersyncd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (handler, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        _add_config_options(command)
+        command.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"usersyncd: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UserSyncError as exc:
+        print(f"usersyncd: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,323 @@
+"""Configuration (SPEC §5): pydantic models, TOML loading, environment and flag overrides.
+
+Precedence: command-line flag > environment > file > default. Every problem becomes one
+`ConfigError` line naming the key, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from usersyncd.errors import ConfigError
+
+# The names operators already use (ORIGIN.md), then ours.
+ENV_OVERRIDES = {
+    "USER_API_URL": "api.url",
+    "USER_API_KEY": "api.key",
+    "USERSYNCD_DATABASE_URL": "database.url",
+}
+
+MAX_BATCH_SIZE = 1000  # subscribers per request, the API's hard limit
+
+Seconds = Annotated[float, Field(gt=0)]
+SecondsOrZero = Annotated[float, Field(ge=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseConfig(_Section):
+    url: str = Field(min_length=1, repr=False)  # may hold a password
+    state_schema: str = Field(default="usersync", min_length=1, max_length=63)
+    retention_days: float = Field(default=7, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, url: str) -> str:
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL")
+        return url
+
+
+class SourceConfig(_Section):
+    table: str = Field(default="public.users", min_length=1)
+    id_column: str = Field(default="id", min_length=1)
+    updated_at_column: str = Field(default="updated_at", min_length=1)
+    fields: dict[str, str] = Field(
+        default_factory=lambda: {"email": "email", "name": "name", "time_zone": "time_zone"}
+    )
+    filter: str = ""
+    poll_interval: Seconds = 5.0
+    lookback: SecondsOrZero = 60.0
+    start_from: str = "beginning"
+
+    @field_validator("fields")
+    @classmethod
+    def _fields(cls, fields: dict[str, str]) -> dict[str, str]:
+        if "email" not in fields:
+            raise ValueError("must map the API field 'email' to a column")
+        for api_field, column in fields.items():
+            if not column:
+                raise ValueError(f"API field {api_field!r} maps to an empty column name")
+            if any(not part for part in api_field.split(".")):
+                raise ValueError(f"API field {api_field!r} has an empty part")
+        return fields
+
+    @field_validator("start_from")
+    @classmethod
+    def _start_from(cls, value: str) -> str:
+        if value in ("beginning", "now"):
+            return value
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError('must be "beginning", "now" or an RFC 3339 time') from None
+        if moment.tzinfo is None:
+            raise ValueError("an RFC 3339 time needs a UTC offset, e.g. 2026-01-01T00:00:00Z")
+        return value
+
+    @property
+    def table_parts(self) -> tuple[str, str]:
+        """(schema, table); an unqualified name lives in `public`."""
+        schema, dot, table = self.table.partition(".")
+        return (schema, table) if dot else ("public", schema)
+
+    def start_moment(self) -> datetime | None:
+        """The RFC 3339 `start_from`, or None for "beginning" / "now"."""
+        if self.start_from in ("beginning", "now"):
+            return None
+        return datetime.fromisoformat(self.start_from)
+
+
+_AUTH = re.compile(r"^(bearer|basic|header:[A-Za-z0-9!#$%&'*+.^_`|~-]+)$")
+
+
+class ApiConfig(_Section):
+    url: str = Field(min_length=1)
+    key: SecretStr = SecretStr("")
+    key_file: Path | None = None
+    batch_path: str = "/subscribers/batches"
+    auth: str = "bearer"
+    timeout: Seconds = 30.0
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ValueError("must be an http:// or https:// URL")
+        return url.rstrip("/")
+
+    @field_validator("batch_path")
+    @classmethod
+    def _path(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError("must start with '/'")
+        return path
+
+    @field_validator("auth")
+    @classmethod
+    def _auth(cls, auth: str) -> str:
+        if not _AUTH.match(auth):
+            raise ValueError('must be "bearer", "basic" or "header:NAME"')
+        return auth
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> ApiConfig:
+        if self.key.get_secret_value() and self.key_file is not None:
+            raise ValueError("set either api.key or api.key_file, not both")
+        return self
+
+    def require_key(self) -> str:
+        """The API key, or a ConfigError saying where to put it."""
+        key = self.key.get_secret_value()
+        if not key:
+            raise ConfigError("api.key: required to talk to the API (or api.key_file, or USER_API_KEY)")
+        return key
+
+
+class LimitsConfig(_Section):
+    batch_size: int = Field(default=MAX_BATCH_SIZE, ge=1, le=MAX_BATCH_SIZE)
+    requests: int = Field(default=50, ge=1)
+    window: Seconds = 3600.0
+    margin: SecondsOrZero | None = None  # default: 1 % of the window
+
+    @model_validator(mode="after")
+    def _default_margin(self) -> LimitsConfig:
+        if self.margin is None:
+            object.__setattr__(self, "margin", self.window * 0.01)
+        return self
+
+    @property
+    def span(self) -> float:
+        """Seconds that must separate a request from the one `requests` places after it."""
+        assert self.margin is not None
+        return self.window + self.margin
+
+
+class RetryConfig(_Section):
+    attempts: int = Field(default=3, ge=1, le=100)
+    backoff: SecondsOrZero = 60.0
+
+
+class QueueConfig(_Section):
+    name: str = Field(default="user-sync", min_length=1)
+    concurrency: int = Field(default=4, ge=1, le=64)
+    retry_after: Seconds = 90.0
+    shutdown_grace: SecondsOrZero = 30.0
+
+
+class LogConfig(_Section):
+    level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    format: Literal["json", "text"] = "json"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, level: Any) -> Any:
+        return level.upper() if isinstance(level, str) else level
+
+
+class HttpConfig(_Section):
+    listen: str = "127.0.0.1:9187"
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, listen: str) -> str:
+        if listen == "":
+            return listen
+        host, sep, port = listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError('must be "HOST:PORT" or "" (off)')
+        return listen
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if not self.listen:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+class Config(_Section):
+    database: DatabaseConfig
+    source: SourceConfig = SourceConfig()
+    api: ApiConfig
+    limits: LimitsConfig = LimitsConfig()
+    retry: RetryConfig = RetryConfig()
+    queue: QueueConfig = QueueConfig()
+    log: LogConfig = LogConfig()
+    http: HttpConfig = HttpConfig()
+
+    @property
+    def secrets(self) -> list[str]:
+        """Values that must never appear in output (G9)."""
+        found = [self.api.key.get_secret_value()]
+        password = re.search(r"//[^/:@]*:([^@/]+)@", self.database.url)
+        if password:
+            found.append(password.group(1))
+        return [secret for secret in found if secret]
+
+
+def load_config(
+    path: str | Path | None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read, merge and validate the configuration; raise ConfigError with one line."""
+    data: dict[str, Any] = _read_toml(Path(path)) if path is not None else {}
+    environ = os.environ if environ is None else environ
+    for variable, dotted in ENV_OVERRIDES.items():
+        if environ.get(variable):
+            _set_dotted(data, dotted, environ[variable])
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    api = data.get("api")
+    if isinstance(api, dict) and environ.get("USER_API_KEY"):
+        api.pop("key_file", None)  # the environment's key wins over the file's key_file
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_first_problem(exc)) from None
+    if config.api.key_file is not None:
+        config = config.model_copy(
+            update={"api": config.api.model_copy(update={"key": _read_key(config.api.key_file)})}
+        )
+    return config
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the config file is not UTF-8 text") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def _read_key(path: Path) -> SecretStr:
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not readable text"
+        raise ConfigError(f"api.key_file: cannot read {path}: {reason}") from None
+    if not key:
+        raise ConfigError(f"api.key_file: {path} is empty")
+    return SecretStr(key)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *sections, key = dotted.split(".")
+    node = data
+    for section in sections:
+        child = node.setdefault(section, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{section}: must be a table, to set {dotted}")
+        node = child
+    node[key] = value
+
+
+def _first_problem(exc: ValidationError) -> str:
+    """One line: the dotted key and what is wrong with it (never the value of a secret)."""
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"]) or "config"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    count = exc.error_count()
+    more = f" (and {count - 1} more problem{'s' if count > 2 else ''})" if count > 1 else ""
+    return f"{key}: {message}{more}"
+
+
+def parse_assignment(assignment: str) -> tuple[str, Any]:
+    """`section.key=value` from `--set`; the value is read as TOML, else taken as a string."""
+    dotted, sep, raw = assignment.partition("=")
+    if not sep or "." not in dotted:
+        raise ConfigError(f"--set {assignment}: expected SECTION.KEY=VALUE")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return dotted.strip(), value
