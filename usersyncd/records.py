@@ -1,0 +1,194 @@
+"""Subscriber records: building the API payload from a row, validating it, hashing it.
+
+Pure functions, no I/O: the worker calls them on the rows it fetched at send time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+import functools
+import hashlib
+import importlib.resources
+import json
+import math
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import email_validator
+
+MAX_FIELD_LENGTH = 255  # characters; the API's limit for string fields
+EMAIL = "email"  # the API field every subscriber must have
+TIME_ZONE = "time_zone"  # the API field checked against the IANA database
+_EXCERPT = 64  # characters of a bad value quoted in a reason
+_MASK = "***"
+
+
+@dataclasses.dataclass(frozen=True)
+class Invalid:
+    """Why one user cannot be sent: the API field and a one-line reason."""
+
+    user_id: str
+    field: str
+    reason: str
+
+
+def build_payload(row: Mapping[str, Any], fields: Mapping[str, str]) -> dict[str, Any]:
+    """The subscriber object for `row`: API field -> JSON value, nulls left out.
+
+    Raises KeyError for a mapped column missing from the row, TypeError for a value with
+    no JSON form (`validate` turns it into an `Invalid`) and ValueError for a mapping where
+    one API field is both a value and the parent of a dotted one.
+    """
+    return _nest((api_field, to_json(row[column])) for api_field, column in fields.items())
+
+
+def validate(
+    user_id: str, row: Mapping[str, Any], fields: Mapping[str, str]
+) -> dict[str, Any] | Invalid:
+    """The payload of `row`, or the first problem found (email, time zone, then each field)."""
+    problem = _email_problem(row[fields[EMAIL]])
+    if problem:
+        return Invalid(user_id, EMAIL, problem)
+    if TIME_ZONE in fields:
+        problem = _time_zone_problem(row[fields[TIME_ZONE]])
+        if problem:
+            return Invalid(user_id, TIME_ZONE, problem)
+    values: list[tuple[str, Any]] = []
+    for api_field, column in fields.items():
+        try:
+            value = to_json(row[column])
+        except TypeError as exc:
+            return Invalid(user_id, api_field, str(exc))
+        problem = _value_problem(value)
+        if problem:
+            return Invalid(user_id, api_field, problem)
+        values.append((api_field, value))
+    return _nest(values)
+
+
+def content_hash(payload: Mapping[str, Any]) -> bytes:
+    """SHA-256 of the payload's canonical JSON: equal payloads, equal hash, key order aside."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+def redacted_sample(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The payload's shape for a dry-run log: strings cut to their first character (+ domain)."""
+    return {key: _redact(value) for key, value in payload.items()}
+
+
+def to_json(value: Any) -> Any:
+    """A column value as a JSON value (dates ISO 8601, decimals and UUIDs as strings)."""
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if isinstance(value, datetime.date | datetime.time):  # datetime is a date
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal | uuid.UUID):
+        return str(value)
+    if isinstance(value, list | tuple):  # PostgreSQL arrays, e.g. tags
+        return [to_json(item) for item in value]
+    if isinstance(value, Mapping):  # json/jsonb with a decoding codec
+        return {str(key): to_json(item) for key, item in value.items()}
+    raise TypeError(f"unsupported value type {type(value).__name__}")
+
+
+def _nest(values: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """Dotted API names become nested objects; null values are left out (no empty objects)."""
+    values = list(values)
+    _check_shape([api_field for api_field, _ in values])
+    payload: dict[str, Any] = {}
+    for api_field, value in values:
+        if value is None:
+            continue
+        *parents, leaf = api_field.split(".")
+        node = payload
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return payload
+
+
+def _check_shape(api_fields: list[str]) -> None:
+    """Refuse a mapping where one API field is both a value and a parent, whatever the data."""
+    names = set(api_fields)
+    for api_field in api_fields:
+        parts = api_field.split(".")
+        for depth in range(1, len(parts)):
+            parent = ".".join(parts[:depth])
+            if parent in names:
+                raise ValueError(f"API field {api_field!r} nests inside {parent!r}, a value")
+
+
+def _email_problem(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return "missing"
+    if not isinstance(value, str):
+        return f"not a string but {type(value).__name__}"
+    try:
+        # never DNS: the syntax is ours to check, deliverability is the API's business
+        email_validator.validate_email(value, check_deliverability=False)
+    except email_validator.EmailNotValidError as exc:
+        return f"not a valid email address: {_one_line(str(exc))}"
+    return None
+
+
+def _time_zone_problem(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return f"not a string but {type(value).__name__}"
+    if value not in _iana_zones():
+        return f"unknown IANA time zone {_excerpt(value)}"
+    return None
+
+
+def _value_problem(value: Any) -> str | None:
+    """A string too long or a float JSON cannot carry, anywhere inside the value."""
+    if isinstance(value, str) and len(value) > MAX_FIELD_LENGTH:
+        return f"longer than {MAX_FIELD_LENGTH} characters"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"not a finite number ({value})"
+    if isinstance(value, list):
+        return next(filter(None, map(_value_problem, value)), None)
+    if isinstance(value, dict):
+        return next(filter(None, map(_value_problem, value.values())), None)
+    return None
+
+
+@functools.cache
+def _iana_zones() -> frozenset[str]:
+    """Zone names from the tzdata package: the same list on every host (no 'localtime', paths)."""
+    text = importlib.resources.files("tzdata").joinpath("zones").read_text(encoding="utf-8")
+    # "Factory" is tzdata's placeholder for an unset zone, not a place
+    return frozenset(line.strip() for line in text.splitlines() if line.strip()) - {"Factory"}
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, str):
+        return _mask(value)
+    if isinstance(value, list):
+        return [_redact(item) for item in value]
+    if isinstance(value, Mapping):
+        return {key: _redact(item) for key, item in value.items()}
+    return value
+
+
+def _mask(text: str) -> str:
+    if not text:
+        return text
+    local, at, domain = text.rpartition("@")
+    if at and local:
+        return f"{local[0]}{_MASK}@{domain}"
+    return f"{text[0]}{_MASK}"
+
+
+def _excerpt(value: str) -> str:
+    """A quoted, one-line, bounded rendering of a bad value."""
+    return repr(value if len(value) <= _EXCERPT else value[:_EXCERPT] + "…")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
