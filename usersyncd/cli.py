@@ -61,8 +61,31 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return asyncio.run(_migrate(load(args)))
 
 
-COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
-    "migrate": (cmd_migrate, "create or upgrade usersyncd's own tables"),
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load(args)
+    cfg.api.require_key()
+    if args.dry_run:
+        from usersyncd import dryrun
+
+        asyncio.run(dryrun.dry_run(cfg))
+        return EXIT_OK
+    from usersyncd import daemon
+
+    return asyncio.run(daemon.run(cfg, once=args.once))
+
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--once", action="store_true", help="drain what is pending now, then exit")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="read, validate and batch; log what would be sent; send nothing, change no state",
+    )
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None] | None]] = {
+    "run": (cmd_run, "the daemon: poll, batch and send under the quota (foreground)", _run_options),
+    "migrate": (cmd_migrate, "create or upgrade usersyncd's own tables", None),
 }
 
 
@@ -73,9 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"usersyncd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (handler, help_text) in COMMANDS.items():
+    for name, (handler, help_text, add_options) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
         _add_config_options(command)
+        if add_options is not None:
+            add_options(command)
         command.set_defaults(handler=handler)
     return parser
 

@@ -1,0 +1,263 @@
+"""The quota ledger on a real PostgreSQL, in compressed time (10 requests per 1.05 s span).
+
+Lower bounds are strict (the quota is never exceeded); upper bounds are loose (a loaded machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timedelta
+
+import asyncpg
+import pytest
+
+from usersyncd import db
+from usersyncd.config import LimitsConfig
+from usersyncd.quota import Quota, Slot
+
+pytestmark = pytest.mark.db
+
+SCHEMA = "usersync"
+LIMITS = LimitsConfig(requests=10, window=1.0, margin=0.05)
+SPAN = timedelta(seconds=LIMITS.span)
+SLACK = 0.5  # seconds of scheduling noise allowed on upper bounds
+
+MakeQuota = Callable[..., Awaitable[Quota]]
+
+
+@pytest.fixture
+async def make_quota(database_url: str) -> AsyncIterator[MakeQuota]:
+    """`await make_quota(worker=..., probe_every=...)`: a Quota on its own pool (a "replica")."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await db.migrate(conn, SCHEMA)
+    finally:
+        await conn.close()
+    pools: list[asyncpg.Pool] = []
+
+    async def make(worker: str = "w1", probe_every: float = 5.0) -> Quota:
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10)
+        pools.append(pool)
+        return Quota(pool, LIMITS, SCHEMA, worker=worker, credentials_probe_every=probe_every)
+
+    yield make
+    for pool in pools:
+        await pool.close()
+
+
+async def ledger(conn: asyncpg.Connection, kind: str | None = None) -> list[asyncpg.Record]:
+    rows = await conn.fetch(f"SELECT * FROM {SCHEMA}.requests ORDER BY started_at, id")
+    return [row for row in rows if kind is None or row["kind"] == kind]
+
+
+def assert_within_quota(starts: list[datetime]) -> None:
+    """The (N+1)-th start is at least one span after the first, for every run of starts."""
+    starts = sorted(starts)
+    for first, later in zip(starts, starts[LIMITS.requests :], strict=False):
+        assert later - first >= SPAN, (first, later)
+
+
+async def fill(quota: Quota) -> list[Slot]:
+    """Take every slot of the span (they are free: no wait)."""
+    slots = [await quota.acquire(kind="send") for _ in range(LIMITS.requests)]
+    assert all(slot is not None for slot in slots)
+    return slots  # type: ignore[return-value]
+
+
+async def test_concurrent_acquirers_share_one_quota(make_quota: MakeQuota, conn) -> None:
+    """25 grants to 5 tasks: never more than 10 per span, yet the quota is used, not wasted."""
+    quota = await make_quota()
+    began = time.monotonic()
+
+    async def task() -> list[Slot | None]:
+        return [await quota.acquire(kind="send", batch_id=1, users=1000) for _ in range(5)]
+
+    results = await asyncio.wait_for(asyncio.gather(*(task() for _ in range(5))), 10)
+    elapsed = time.monotonic() - began
+    starts = [row["started_at"] for row in await ledger(conn)]
+    assert len(starts) == 25 and all(slot is not None for r in results for slot in r)
+    assert_within_quota(starts)
+    assert starts[10] - starts[0] >= SPAN
+    assert starts[10] - starts[0] <= SPAN + timedelta(seconds=SLACK)  # the slot is taken when free
+    assert elapsed <= 2 * LIMITS.span * 1.1 + SLACK
+    assert quota.granted == 25 and quota.waits >= 10 and quota.wait_seconds > 0
+
+
+async def test_two_replicas_share_the_ledger(make_quota: MakeQuota, conn) -> None:
+    """Two Quotas on two pools, 10 acquirers each, 30 grants: never more than 10 per span."""
+    replicas = [await make_quota(worker="a"), await make_quota(worker="b")]
+    tickets = list(range(30))
+
+    async def acquirer(quota: Quota) -> None:
+        while tickets:
+            tickets.pop()
+            assert await quota.acquire(kind="send") is not None
+
+    tasks = [acquirer(quota) for quota in replicas for _ in range(10)]
+    await asyncio.wait_for(asyncio.gather(*tasks), 15)
+    rows = await ledger(conn)
+    assert len(rows) == 30
+    assert_within_quota([row["started_at"] for row in rows])
+    assert {row["worker"] for row in rows} == {"a", "b"}
+    assert rows[-1]["started_at"] - rows[0]["started_at"] >= 2 * SPAN
+
+
+async def test_restart_sees_the_ledger(make_quota: MakeQuota, conn) -> None:
+    """A fresh Quota after 10 grants in this span waits for the span to free: no empty bucket."""
+    await fill(await make_quota())
+    restarted = await make_quota()
+    began = time.monotonic()
+    slot = await asyncio.wait_for(restarted.acquire(kind="retry"), 5)
+    waited = time.monotonic() - began
+    rows = await ledger(conn)
+    assert slot is not None and rows[-1]["id"] == slot.id
+    assert slot.started_at - rows[0]["started_at"] >= SPAN
+    assert waited > LIMITS.span / 2 and restarted.waits == 1
+
+
+async def test_release_frees_the_slot_at_once(make_quota: MakeQuota, conn) -> None:
+    """release() deletes the ledger row, and the next acquire gets its slot without waiting."""
+    quota = await make_quota()
+    slots = await fill(quota)
+    await quota.release(slots[3])
+    began = time.monotonic()
+    slot = await quota.acquire(kind="send")
+    assert time.monotonic() - began < LIMITS.span / 2
+    ids = [row["id"] for row in await ledger(conn)]
+    assert slot is not None and slots[3].id not in ids and slot.id in ids and len(ids) == 10
+
+
+async def test_record_stores_the_outcome(make_quota: MakeQuota, conn) -> None:
+    """record() fills the ledger row; a remaining count the ledger already allows adds nothing."""
+    quota = await make_quota()
+    slot = await quota.acquire(kind="send", batch_id=7, attempt=2, users=900)
+    assert slot is not None
+    await quota.record(
+        slot, status=202, outcome="done", duration_ms=12.5, request_id="req-1",
+        response_request_id="api-1", error=None, rate_limit_remaining=9,
+    )
+    [row] = await ledger(conn)
+    assert (row["batch_id"], row["attempt"], row["users"], row["worker"]) == (7, 2, 900, "w1")
+    assert (row["status"], row["outcome"], row["duration_ms"]) == (202, "done", 12.5)
+    assert (row["request_id"], row["response_request_id"], row["error"]) == ("req-1", "api-1", None)
+
+
+async def test_lower_remaining_from_the_api_wins(make_quota: MakeQuota, conn) -> None:
+    """X-RateLimit-Remaining 2 when the ledger allows 8: 2 more grants, then none until the span."""
+    quota = await make_quota()
+    first = await quota.acquire(kind="send")
+    second = await quota.acquire(kind="send")
+    assert first is not None and second is not None
+    await quota.record(
+        second, status=202, outcome="done", duration_ms=5.0, request_id="r2",
+        response_request_id=None, error=None, rate_limit_remaining=2,
+    )
+    assert len(await ledger(conn, "external")) == 6
+    began = time.monotonic()
+    assert (await quota.acquire(kind="send")) and (await quota.acquire(kind="send"))
+    assert time.monotonic() - began < LIMITS.span / 2
+    state = await quota.state()
+    assert state.used == 10 and state.next_free_in > 0
+    third = await asyncio.wait_for(quota.acquire(kind="send"), 5)
+    assert third is not None and third.started_at - first.started_at >= SPAN
+    assert len(await ledger(conn, "external")) == 6  # a second look adds nothing twice
+
+
+async def test_rate_limited_pause_holds_every_acquirer(make_quota: MakeQuota, conn) -> None:
+    """pause('rate_limited', 0.5): acquire waits out the pause; state() reports it meanwhile."""
+    quota = await make_quota()
+    await quota.pause("rate_limited", 0.5, "429 Retry-After: 0.5")
+    until = await conn.fetchval(f"SELECT until_at FROM {SCHEMA}.pauses")
+    state = await quota.state()
+    assert state.paused == "rate_limited" and 0 < state.paused_for <= 0.5
+    assert state.pause_detail == "429 Retry-After: 0.5" and state.used == 0
+    await quota.pause("rate_limited", 0.1, "an earlier end does not shorten the pause")
+    assert await conn.fetchval(f"SELECT until_at FROM {SCHEMA}.pauses") == until
+    began = time.monotonic()
+    slot = await asyncio.wait_for(quota.acquire(kind="send"), 5)
+    assert slot is not None and slot.started_at >= until and not slot.probe
+    assert time.monotonic() - began >= 0.4  # the DB clock decides; the wall clock roughly agrees
+    assert await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.pauses") == 0
+    assert (await quota.state()).paused is None
+
+
+async def test_credentials_pause_sends_one_probe(make_quota: MakeQuota, conn) -> None:
+    """pause('credentials', 0.3): after it, exactly one acquirer probes; the rest wait for resume."""
+    quota = await make_quota(probe_every=5.0)
+    await quota.pause("credentials", 0.3, "HTTP 401")
+    waiting = [asyncio.ensure_future(quota.acquire(kind="send", batch_id=i)) for i in range(3)]
+    done, _ = await asyncio.wait(waiting, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+    [probe] = [task.result() for task in done]
+    assert probe is not None and probe.probe
+    await asyncio.sleep(0.3)
+    assert sum(task.done() for task in waiting) == 1
+    state = await quota.state()
+    assert state.paused == "credentials" and state.pause_detail == "HTTP 401"
+    assert state.paused_for > 4 and state.used == 1 and state.next_free_in == 0
+    await quota.resume("credentials")
+    others = await asyncio.wait_for(asyncio.gather(*waiting), 2)
+    assert [slot.probe for slot in others if slot is not probe] == [False, False]
+    assert len(await ledger(conn)) == 3
+    assert (await quota.state()).paused is None
+
+
+async def test_failed_probe_waits_for_the_next_period(make_quota: MakeQuota, conn) -> None:
+    """A failed probe pauses again; a released probe lets the next acquirer probe at once."""
+    quota = await make_quota(probe_every=5.0)
+    await quota.pause("credentials", 0.0, "HTTP 403")
+    probe = await asyncio.wait_for(quota.acquire(kind="send"), 2)
+    assert probe is not None and probe.probe
+    await quota.release(probe)
+    again = await asyncio.wait_for(quota.acquire(kind="retry"), 2)
+    assert again is not None and again.probe
+    await quota.pause("credentials", 0.2, "HTTP 403 again")
+    began = time.monotonic()
+    third = await asyncio.wait_for(quota.acquire(kind="retry"), 2)
+    assert third is not None and third.probe and time.monotonic() - began >= 0.15
+    assert [row["kind"] for row in await ledger(conn)] == ["retry", "retry"]
+
+
+@pytest.mark.parametrize("where", ["limiter", "ledger"])
+async def test_stop_ends_a_wait_promptly(make_quota: MakeQuota, conn, where: str) -> None:
+    """With `stop` set while waiting (in-process limiter or ledger), acquire returns None at once."""
+    quota = await make_quota()
+    await fill(quota)
+    waiter = quota if where == "limiter" else await make_quota()
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(waiter.acquire(kind="send", stop=stop))
+    await asyncio.sleep(0.1)
+    assert not task.done()
+    stop.set()
+    began = time.monotonic()
+    assert await asyncio.wait_for(task, 1) is None
+    assert time.monotonic() - began < 0.2
+    assert await waiter.acquire(kind="send", stop=stop) is None
+    assert len(await ledger(conn)) == 10
+
+
+async def test_state_reports_the_window(make_quota: MakeQuota) -> None:
+    """state(): used/limit and when the next slot frees, with no pause."""
+    quota = await make_quota()
+    assert (await quota.state()).next_free_in == 0
+    await fill(quota)
+    state = await quota.state()
+    assert (state.limit, state.window, state.used) == (10, 1.0, 10)
+    assert 0 < state.next_free_in <= LIMITS.span
+    assert (state.paused, state.paused_for, state.pause_detail) == (None, None, None)
+
+
+async def test_prune_keeps_the_span(make_quota: MakeQuota, conn) -> None:
+    """prune() deletes rows older than the retention, never one that still holds a slot."""
+    quota = await make_quota()
+    await conn.execute(
+        f"INSERT INTO {SCHEMA}.requests (kind, started_at) VALUES"
+        " ('send', clock_timestamp() - interval '8 days'),"
+        " ('send', clock_timestamp() - interval '2 days')"
+    )
+    await quota.acquire(kind="send")
+    assert await quota.prune(7) == 1
+    assert len(await ledger(conn)) == 2
+    assert await quota.prune(0) == 1  # a zero retention still keeps the span
+    assert len(await ledger(conn)) == 1

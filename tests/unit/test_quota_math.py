@@ -1,0 +1,114 @@
+"""Quota arithmetic (G1, G2): grant_delay alone, and a simulated stream of acquirers."""
+
+from __future__ import annotations
+
+import heapq
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from usersyncd.quota import grant_delay
+
+
+def test_free_while_fewer_than_limit_in_span() -> None:
+    """Fewer than `limit` starts within the span: a request may start now."""
+    assert grant_delay([], 10.0, 3, 5.0) == 0.0
+    assert grant_delay([6.0, 7.0], 10.0, 3, 5.0) == 0.0
+
+
+def test_starts_older_than_span_are_ignored() -> None:
+    """A start exactly one span ago (or older) no longer holds a slot."""
+    assert grant_delay([5.0, 6.0, 7.0], 10.0, 3, 5.0) == 0.0
+    assert grant_delay([5.5, 6.0, 7.0], 10.0, 3, 5.0) == 0.5
+    assert grant_delay([1.0, 4.0, 5.0, 6.0, 7.0, 8.0], 10.0, 3, 5.0) == 1.0
+
+
+def test_waits_for_the_oldest_start_that_must_leave() -> None:
+    """With the span full, the wait ends when the limit-th newest start leaves it."""
+    assert grant_delay([6.0, 7.0, 8.0], 10.0, 3, 5.0) == 1.0
+    assert grant_delay([6.0, 7.0, 8.0, 9.0], 10.0, 3, 5.0) == 2.0  # 4 held (external rows)
+    assert grant_delay([9.5], 10.0, 1, 5.0) == 4.5
+
+
+def test_unsorted_starts_and_starts_ahead_of_now() -> None:
+    """Order does not matter; a start stamped after `now` still holds a slot."""
+    assert grant_delay([8.0, 6.0, 7.0], 10.0, 3, 5.0) == 1.0
+    assert grant_delay([9.0, 10.5], 10.0, 2, 5.0) == 4.0
+
+
+def test_limit_must_be_positive() -> None:
+    """A limit below one is a programming error."""
+    with pytest.raises(ValueError):
+        grant_delay([], 0.0, 0, 1.0)
+
+
+def test_large_epoch_rounding_still_grants_at_now_plus_delay() -> None:
+    """At epoch-sized times, a retry at exactly now + delay is granted despite float rounding."""
+    starts = [1_700_000_000.1 + i * 0.013 for i in range(50)]
+    now = starts[-1] + 0.0007
+    delay = grant_delay(starts, now, 50, 3636.0)
+    assert delay > 0
+    assert grant_delay(starts, now + delay, 50, 3636.0) == 0.0
+
+
+def simulate(arrivals: list[float], limit: int, span: float) -> list[float]:
+    """Acquirers arriving at `arrivals`; a denied one tries again at now + delay. Grant times."""
+    pending = [(t, i) for i, t in enumerate(arrivals)]
+    heapq.heapify(pending)
+    granted: list[float] = []
+    while pending:
+        now, who = heapq.heappop(pending)
+        delay = grant_delay(granted, now, limit, span)
+        if delay == 0.0:
+            granted.append(now)
+            continue
+        assert delay > 0
+        # G2: no longer than needed. At now + delay, with nothing else granted, it is allowed ...
+        assert grant_delay(granted, now + delay, limit, span) == 0.0
+        # ... and it is the moment the limit-th newest start leaves the span, not later.
+        held = [start for start in granted if start + span > now]
+        assert delay <= held[-limit] + span - now + 1e-9 * max(1.0, abs(now))
+        heapq.heappush(pending, (now + delay, who))
+    return granted
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    limit=st.integers(min_value=1, max_value=12),
+    span=st.floats(min_value=0.001, max_value=5000.0, allow_nan=False, allow_infinity=False),
+    origin=st.floats(min_value=-1e9, max_value=2e9, allow_nan=False, allow_infinity=False),
+    gaps=st.lists(
+        st.floats(min_value=0.0, max_value=100.0, allow_nan=False, allow_infinity=False),
+        min_size=1,
+        max_size=60,
+    ),
+)
+def test_simulated_acquirers_never_exceed_the_quota(
+    limit: int, span: float, origin: float, gaps: list[float]
+) -> None:
+    """Any arrivals: no half-open span holds more than `limit` grants; every arrival is granted."""
+    arrivals = []
+    t = origin
+    for gap in gaps:
+        t += gap
+        arrivals.append(t)
+    granted = simulate(arrivals, limit, span)
+    assert len(granted) == len(arrivals)
+    assert granted == sorted(granted)
+    # The (limit+1)-th start comes no earlier than one span after the first (G1).
+    for first, later in zip(granted, granted[limit:], strict=False):
+        assert later >= first + span
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    limit=st.integers(min_value=1, max_value=8),
+    span=st.floats(min_value=0.01, max_value=100.0, allow_nan=False, allow_infinity=False),
+    burst=st.integers(min_value=1, max_value=40),
+)
+def test_a_burst_drains_at_full_quota(limit: int, span: float, burst: int) -> None:
+    """A backlog arriving at once goes out `limit` per span, each group exactly a span apart."""
+    granted = simulate([0.0] * burst, limit, span)
+    for index, start in enumerate(granted):
+        assert start == pytest.approx((index // limit) * span, rel=1e-9, abs=1e-9)

@@ -1,0 +1,274 @@
+"""The daemon: wiring, named and supervised tasks, signals, sd_notify, graceful shutdown (G8)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+from loguru import logger
+
+from usersyncd import __version__, api, db, source
+from usersyncd.config import Config
+from usersyncd.poller import UserSyncService
+from usersyncd.queue import Queue
+from usersyncd.quota import Quota
+from usersyncd.worker import Stopping, SyncUserBatch
+
+HEARTBEAT_EVERY = 5.0  # seconds, at most: lease renewal, process heartbeat, watchdog
+PRUNE_EVERY = 600.0  # seconds between deletions of what is older than the retention
+
+
+def notify(message: str) -> None:
+    """sd_notify(3): tell systemd about readiness, status, stopping, watchdog. No-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):  # abstract namespace
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        logger.bind(error=str(exc)).debug("sd_notify failed")
+
+
+@dataclass
+class Daemon:
+    """One process: a poller, `queue.concurrency` workers, a heartbeat; all share `stop`."""
+
+    config: Config
+    once: bool = False
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    busy: int = 0  # workers holding a batch right now
+    ready: bool = False
+    pool: asyncpg.Pool | None = None
+
+    async def run(self) -> int:
+        cfg = self.config
+        self._install_signals()
+        logger.bind(version=__version__, worker=self.worker_id, database=db.redact_dsn(cfg.database.url)).info(
+            "usersyncd starting"
+        )
+        self.pool = pool = await db.create_pool(
+            cfg.database.url, min_size=1, max_size=cfg.queue.concurrency + 4, retry_forever=True
+        )
+        try:
+            async with pool.acquire() as conn:
+                await db.migrate(conn, cfg.database.state_schema)
+                self.source = await source.inspect(conn, cfg.source)
+            if not self.source.has_keyset_index:
+                logger.warning(
+                    "no index on ({}, {}) of {}: every poll scans the table",
+                    cfg.source.updated_at_column,
+                    cfg.source.id_column,
+                    cfg.source.table,
+                )
+            self.client = api.ExternalUserApi(cfg.api)
+            self.quota = Quota(
+                pool,
+                cfg.limits,
+                cfg.database.state_schema,
+                worker=self.worker_id,
+                credentials_probe_every=cfg.retry.backoff,
+            )
+            self.queue = Queue(
+                pool, cfg.database.state_schema, cfg.queue.name, worker=self.worker_id, lease=cfg.queue.retry_after
+            )
+            self.work_ready = asyncio.Event()
+            self.poller = UserSyncService(cfg, pool, self.source, work_ready=self.work_ready)
+            return await self._supervise()
+        finally:
+            client = getattr(self, "client", None)
+            if client is not None:
+                await client.aclose()
+            await pool.close()
+
+    async def _supervise(self) -> int:
+        cfg = self.config
+        await self._register()
+        tasks = {
+            asyncio.create_task(self.poller.run(self.stop), name="poller"),
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
+        }
+        workers = {
+            asyncio.create_task(self._work(n), name=f"worker-{n}") for n in range(cfg.queue.concurrency)
+        }
+        if self.once:
+            tasks.add(asyncio.create_task(self._stop_when_drained(), name="once"))
+        self.ready = True
+        notify(f"READY=1\nSTATUS=syncing {cfg.source.table} to {cfg.api.url}")
+        logger.bind(workers=cfg.queue.concurrency, queue=cfg.queue.name).info("usersyncd ready")
+
+        stopper = asyncio.create_task(self.stop.wait(), name="stop")
+        done, _ = await asyncio.wait({*tasks, *workers, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        crashed = [t for t in done if t is not stopper and t.exception() is not None]
+        finished_early = [t for t in done if t is not stopper and t.exception() is None and t.get_name() != "once"]
+        for task in crashed:
+            logger.opt(exception=task.exception()).bind(task=task.get_name()).critical(
+                "task crashed; stopping: {}", task.exception()
+            )
+        for task in finished_early:
+            logger.bind(task=task.get_name()).critical("task ended unexpectedly; stopping")
+        self.stop.set()
+        notify("STOPPING=1")
+        logger.info("stopping: no new requests; in-flight ones get {} s", cfg.queue.shutdown_grace)
+
+        _, late = await asyncio.wait(workers, timeout=cfg.queue.shutdown_grace)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        for task in tasks | {stopper}:
+            task.cancel()
+        await asyncio.gather(*tasks, stopper, return_exceptions=True)
+        released = await self._release(cancelled=bool(late))
+        await self._unregister()
+        logger.bind(released=released).info("usersyncd stopped")
+        worker_crashes = [t for t in workers - late if not t.cancelled() and t.exception() is not None]
+        return 1 if crashed or finished_early or worker_crashes else 0
+
+    async def _work(self, n: int) -> None:
+        """Run batches while there is work; wait for the poller otherwise (never spin)."""
+        cfg = self.config
+        assert self.pool is not None
+        # Each worker claims under its own name, so it can give back exactly its own batch.
+        queue = Queue(
+            self.pool, cfg.database.state_schema, cfg.queue.name, worker=f"{self.worker_id}/w{n}", lease=cfg.queue.retry_after
+        )
+        while not self.stop.is_set():
+            has_work = await db.retrying(queue.has_work, what="check work", stop=self.stop)
+            if not has_work:
+                self.work_ready.clear()
+                await _wait_any(self.stop, self.work_ready, timeout=cfg.source.poll_interval)
+                continue
+            self.busy += 1
+            try:
+                job = SyncUserBatch(
+                    cfg,
+                    pool=self.pool,
+                    source=self.source,
+                    queue=queue,
+                    quota=self.quota,
+                    client=self.client,
+                    stop=self.stop,
+                )
+                await job.run(await queue.claim_open_batch())
+            except Stopping:
+                return
+            except db.CONNECTION_ERRORS as exc:
+                # the batch goes back to the queue; its users are sent again (at-least-once)
+                logger.bind(worker=n, error=str(exc)).warning("database lost during a batch; releasing it")
+                await db.retrying(queue.release_mine, what="release batch", stop=self.stop)
+                await _wait_any(self.stop, timeout=1.0)
+            finally:
+                self.busy -= 1
+
+    async def _stop_when_drained(self) -> None:
+        """`--once`: stop when the poller has caught up and nothing is left to send."""
+        while not self.stop.is_set():
+            await asyncio.sleep(0.1)
+            if not self.poller.last.caught_up or self.busy:
+                continue
+            backlog = await self.queue.backlog()
+            if backlog.live_ready == backlog.backfill_ready == backlog.open_batches == 0 and not self.busy:
+                logger.info("--once: everything pending is sent")
+                self.stop.set()
+
+    async def _heartbeat(self) -> None:
+        cfg = self.config
+        every = min(HEARTBEAT_EVERY, cfg.queue.retry_after / 3)
+        since_prune = PRUNE_EVERY
+        while not self.stop.is_set():
+            await db.retrying(self._beat, what="heartbeat", stop=self.stop)
+            since_prune += every
+            if since_prune >= PRUNE_EVERY:
+                since_prune = 0.0
+                await db.retrying(self._prune, what="prune", stop=self.stop)
+            notify("WATCHDOG=1")
+            await _wait_any(self.stop, timeout=every)
+
+    async def _beat(self) -> None:
+        assert self.pool is not None
+        await self.queue.renew_leases()
+        await self.pool.execute(
+            f"UPDATE {db.quote_ident(self.config.database.state_schema)}.processes"
+            " SET heartbeat_at = clock_timestamp() WHERE id = $1",
+            self.worker_id,
+        )
+
+    async def _prune(self) -> None:
+        days = self.config.database.retention_days
+        await self.queue.prune(days)
+        await self.quota.prune(days)
+
+    async def _register(self) -> None:
+        assert self.pool is not None
+        await self.pool.execute(
+            f"INSERT INTO {db.quote_ident(self.config.database.state_schema)}.processes (id, host, pid, version)"
+            " VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
+            self.worker_id,
+            socket.gethostname(),
+            os.getpid(),
+            __version__,
+        )
+
+    async def _unregister(self) -> None:
+        assert self.pool is not None
+        try:
+            await self.pool.execute(
+                f"DELETE FROM {db.quote_ident(self.config.database.state_schema)}.processes WHERE id = $1",
+                self.worker_id,
+            )
+        except db.CONNECTION_ERRORS:
+            logger.warning("database unreachable at exit; the process row ages out")
+
+    async def _release(self, *, cancelled: bool) -> int:
+        """Batches still held go back to the queue. After a cancelled request the API may still be
+        working on it, so the batch waits out the request timeout first (G6)."""
+        due_in = self.config.api.timeout if cancelled else 0.0
+        try:
+            status = await self.queue.release_mine(due_in=due_in)
+        except db.CONNECTION_ERRORS:
+            logger.warning("database unreachable at exit; held batches return after their lease")
+            return 0
+        return int(status.split()[-1])
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def first(signum: int) -> None:
+            logger.bind(signal=signal.Signals(signum).name).info("signal received; shutting down")
+            self.stop.set()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, second, sig)
+
+        def second(signum: int) -> None:
+            logger.bind(signal=signal.Signals(signum).name).warning("second signal; exiting now")
+            os._exit(128 + signum)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, first, sig)
+
+
+async def _wait_any(*events: asyncio.Event, timeout: float) -> None:
+    """Wait until any event is set or the timeout passes; a sleep on the loop, never a spin."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def run(config: Config, *, once: bool = False) -> int:
+    return await Daemon(config, once=once).run()
+
+
+Runner = Callable[[], Awaitable[int]]

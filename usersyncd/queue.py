@@ -1,0 +1,136 @@
+"""The durable queue: ready users in `sync_state`, batches leased by the worker that sends them.
+
+A user is in at most one open batch (`sync_state.batch_id`), so no user is ever in two
+requests at once (G6). Every method is one transaction; SQL lives in `sql/queue.sql`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from usersyncd import db
+
+
+@dataclass
+class Batch:
+    id: int
+    user_ids: list[str]
+    attempts: int = 0  # attempts already spent (persisted: survives a restart)
+    reclaimed: bool = False  # taken from the queue again (released, or its worker vanished)
+
+
+@dataclass(frozen=True)
+class Backlog:
+    live_ready: int
+    backfill_ready: int
+    open_batches: int
+    open_failures: int
+
+
+class Queue:
+    def __init__(self, pool: asyncpg.Pool, schema: str, name: str, *, worker: str, lease: float) -> None:
+        self.pool = pool
+        self.name = name
+        self.worker = worker
+        self.lease = lease  # seconds
+        self.sql = db.queries("queue", schema)
+
+    async def has_work(self) -> bool:
+        return bool(await self.pool.fetchval(self.sql["has_work"], self.name))
+
+    async def claim_open_batch(self) -> Batch | None:
+        """A released or abandoned batch, if one is due."""
+        row = await self.pool.fetchrow(self.sql["claim_open_batch"], self.name, self.worker, self.lease)
+        if row is None:
+            return None
+        return Batch(row["id"], list(row["user_ids"]), row["attempts"], reclaimed=True)
+
+    async def new_batch(self) -> Batch:
+        batch_id = await self.pool.fetchval(self.sql["new_batch"], self.name, self.worker, self.lease)
+        return Batch(batch_id, [])
+
+    async def take_ready(self, batch: Batch, limit: int) -> dict[str, int]:
+        """Move up to `limit` ready users into the batch (live lane first): {user id: lane}."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            # one worker forms at a time, so two never split the tail of a backlog (G2)
+            await conn.execute(self.sql["form_lock"], self.name)
+            rows = await conn.fetch(self.sql["take_ready"], batch.id, limit)
+        return {r["user_id"]: r["lane"] for r in rows}
+
+    async def sent_hashes(self, user_ids: Sequence[str]) -> dict[str, bytes | None]:
+        rows = await self.pool.fetch(self.sql["batch_hashes"], list(user_ids))
+        return {r["user_id"]: r["sent_hash"] for r in rows}
+
+    async def set_members(self, batch: Batch, user_ids: Sequence[str], lane: int) -> None:
+        batch.user_ids = list(user_ids)
+        await self.pool.execute(self.sql["set_members"], batch.id, batch.user_ids, lane)
+
+    async def drop_users(self, batch: Batch, read: dict[str, datetime | None]) -> None:
+        """Users leave the batch unsent; they wait again only if a newer version was seen."""
+        if read:
+            await self.pool.execute(self.sql["drop_users"], batch.id, list(read), list(read.values()))
+
+    async def mark_sent(self, batch: Batch, sent: Sequence[tuple[str, bytes, datetime]]) -> None:
+        """The API accepted these users: remember what was sent, resolve their old failures."""
+        if not sent:
+            return
+        ids = [user_id for user_id, _, _ in sent]
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                self.sql["mark_sent"], batch.id, ids, [h for _, h, _ in sent], [t for _, _, t in sent]
+            )
+            await conn.execute(self.sql["resolve_failures"], ids)
+
+    async def spend_attempt(self, batch: Batch, *, next_in: float, status: int | None, error: str | None) -> int:
+        batch.attempts = await self.pool.fetchval(self.sql["spend_attempt"], batch.id, next_in, status, error)
+        return batch.attempts
+
+    async def finish(self, batch: Batch, status: str, *, http_status: int | None = None, error: str | None = None) -> None:
+        await self.pool.execute(self.sql["finish_batch"], batch.id, status, http_status, error)
+
+    async def release_mine(self, *, due_in: float = 0.0) -> str:
+        """Shutdown: every batch this worker holds goes back to the queue."""
+        return await self.pool.execute(self.sql["release_batches"], self.worker, due_in)
+
+    async def renew_leases(self) -> None:
+        await self.pool.execute(self.sql["renew_leases"], self.worker, self.lease)
+
+    async def record_failure(
+        self,
+        kind: str,
+        user_ids: Sequence[str],
+        error: str,
+        *,
+        field: str | None = None,
+        http_status: int | None = None,
+        attempts: int = 1,
+        request_id: str | None = None,
+        batch_id: int | None = None,
+        payload: Any = None,
+    ) -> int:
+        """Dead-letter users (an open failure of the same kind for the same user is updated)."""
+        return await self.pool.fetchval(
+            self.sql["record_failure"],
+            kind,
+            list(user_ids),
+            field,
+            error,
+            http_status,
+            attempts,
+            request_id,
+            batch_id,
+            json.dumps(payload, default=str) if payload is not None else None,
+        )
+
+    async def backlog(self) -> Backlog:
+        row = await self.pool.fetchrow(self.sql["backlog"])
+        return Backlog(**dict(row))
+
+    async def prune(self, retention_days: float) -> None:
+        await self.pool.execute(self.sql["prune"], retention_days * 86400)

@@ -1,0 +1,164 @@
+"""Everything that reads the users table: checking it, the keyset scan, fetching rows by id.
+
+Every identifier comes from the config and is quoted; `source.filter` is the operator's own
+SQL predicate, inserted as written (SPEC G9). usersyncd only ever SELECTs here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from usersyncd import db
+from usersyncd.config import SourceConfig
+from usersyncd.errors import SourceError
+
+TIMESTAMP_TYPES = ("timestamp with time zone", "timestamp without time zone")
+
+
+@dataclass(frozen=True)
+class Source:
+    """The users table as found in the catalog, with the SQL to read it."""
+
+    config: SourceConfig
+    id_type: str  # format_type() of the id column, e.g. "bigint", "uuid"
+    has_keyset_index: bool
+
+    @property
+    def table(self) -> str:
+        return db.qualified(*self.config.table_parts)
+
+    @property
+    def where_filter(self) -> str:
+        return f"({self.config.filter})" if self.config.filter.strip() else "true"
+
+    @property
+    def columns(self) -> list[str]:
+        """The distinct columns the mapped fields read, in mapping order."""
+        return list(dict.fromkeys(self.config.fields.values()))
+
+    def stage_page_sql(self, state_schema: str, *, has_cursor_id: bool, bounded: bool) -> str:
+        """One page of the keyset scan, staged into sync_state in the same statement.
+
+        $1 start updated_at, $2 start id (text; NULL without has_cursor_id), $3 page size,
+        $4 lane, $5 upper bound on updated_at (exclusive; only when bounded).
+        Returns rows read, users staged, and the last key of the page."""
+        upd = db.quote_ident(self.config.updated_at_column)
+        uid = db.quote_ident(self.config.id_column)
+        start = (
+            f"({upd}, {uid}) > ($1::timestamptz, $2::text::{self.id_type})"
+            if has_cursor_id
+            else f"{upd} >= $1::timestamptz AND $2::text IS NULL"
+        )
+        upper = f"AND {upd} < $5::timestamptz" if bounded else ""
+        state = db.quote_ident(state_schema)
+        return f"""
+            WITH page AS (
+                SELECT {uid}::text AS user_id, {upd}::timestamptz AS updated_at
+                FROM {self.table}
+                WHERE {start} {upper} AND {self.where_filter}
+                ORDER BY {upd}, {uid}
+                LIMIT $3
+            ), numbered AS (
+                SELECT user_id, updated_at, row_number() OVER () AS n FROM page
+            ), staged AS (
+                INSERT INTO {state}.sync_state AS s (user_id, seen_updated_at, dirty, lane)
+                SELECT user_id, updated_at, true, $4 FROM page
+                ON CONFLICT (user_id) DO UPDATE
+                    SET seen_updated_at = excluded.seen_updated_at,
+                        dirty = true,
+                        lane = least(s.lane, excluded.lane),
+                        dirty_since = CASE WHEN s.dirty THEN s.dirty_since
+                                           ELSE clock_timestamp() END
+                    WHERE s.seen_updated_at < excluded.seen_updated_at
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM numbered) AS read,
+                   (SELECT count(*) FROM staged) AS staged,
+                   last.updated_at AS last_updated_at, last.user_id AS last_id
+            FROM (SELECT 1) AS one
+            LEFT JOIN (SELECT updated_at, user_id FROM numbered ORDER BY n DESC LIMIT 1) AS last
+                ON true
+        """
+
+    def fetch_sql(self) -> str:
+        """Current rows of the given ids ($1 text[]) that pass the filter."""
+        upd = db.quote_ident(self.config.updated_at_column)
+        uid = db.quote_ident(self.config.id_column)
+        cols = ", ".join(db.quote_ident(c) for c in self.columns)
+        return f"""
+            SELECT {uid}::text AS "__usersyncd_id", {upd}::timestamptz AS "__usersyncd_updated_at", {cols}
+            FROM {self.table}
+            WHERE {uid} = ANY($1::text[]::{self.id_type}[]) AND {self.where_filter}
+        """
+
+    async def fetch(self, conn: asyncpg.Connection, user_ids: Sequence[str]) -> dict[str, Row]:
+        """The users' rows as they are now, by id (missing: deleted or filtered out)."""
+        records = await conn.fetch(self.fetch_sql(), list(user_ids))
+        return {
+            r["__usersyncd_id"]: Row(r["__usersyncd_id"], r["__usersyncd_updated_at"], dict(r.items()))
+            for r in records
+        }
+
+
+@dataclass(frozen=True)
+class Row:
+    user_id: str
+    updated_at: datetime
+    values: dict[str, Any]  # column -> value
+
+
+async def inspect(conn: asyncpg.Connection, config: SourceConfig) -> Source:
+    """Find the table and columns in the catalog; a clear SourceError when something is missing."""
+    schema, table = config.table_parts
+    relid = await conn.fetchval(
+        """
+        SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+        """,
+        schema,
+        table,
+    )
+    if relid is None:
+        raise SourceError(f"source.table: table {schema}.{table} does not exist (or is not visible)")
+    columns = {
+        r["attname"]: r["type"]
+        for r in await conn.fetch(
+            "SELECT attname, format_type(atttypid, atttypmod) AS type FROM pg_attribute"
+            " WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
+            relid,
+        )
+    }
+    wanted = {"source.id_column": config.id_column, "source.updated_at_column": config.updated_at_column}
+    wanted |= {f"source.fields.{api}": column for api, column in config.fields.items()}
+    for key, column in wanted.items():
+        if column not in columns:
+            raise SourceError(f"{key}: column {column!r} does not exist in {schema}.{table}")
+    if columns[config.updated_at_column] not in TIMESTAMP_TYPES:
+        raise SourceError(
+            f"source.updated_at_column: {config.updated_at_column!r} is "
+            f"{columns[config.updated_at_column]}, not a timestamp"
+        )
+    if config.filter.strip():
+        try:
+            await conn.fetchval(f"SELECT count(*) FROM (SELECT 1 FROM {db.qualified(schema, table)} WHERE ({config.filter}) LIMIT 1) AS probe")
+        except asyncpg.PostgresError as exc:
+            raise SourceError(f"source.filter: {exc}") from None
+    has_index = await conn.fetchval(
+        """
+        SELECT EXISTS (
+            SELECT 1 FROM pg_index i
+            WHERE i.indrelid = $1
+              AND (SELECT attname FROM pg_attribute WHERE attrelid = $1 AND attnum = i.indkey[0]) = $2
+              AND (SELECT attname FROM pg_attribute WHERE attrelid = $1 AND attnum = i.indkey[1]) = $3
+        )
+        """,
+        relid,
+        config.updated_at_column,
+        config.id_column,
+    )
+    return Source(config=config, id_type=columns[config.id_column], has_keyset_index=bool(has_index))

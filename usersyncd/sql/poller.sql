@@ -1,0 +1,38 @@
+-- The poller's cursors. {schema} is the quoted state schema.
+
+-- init_cursors --
+-- First start: live from now ($1), backfill from $2 (NULL: none) up to now; later starts keep theirs.
+WITH created AS (
+    INSERT INTO {schema}.cursors (lane, updated_at, last_id, until_at, done)
+    VALUES ('live', $1, NULL, NULL, false),
+           ('backfill', coalesce($2, $1), NULL, $1, $3)
+    ON CONFLICT (lane) DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) > 0 FROM created;
+
+-- cursor --
+-- One lane's position.
+SELECT lane, updated_at, last_id, until_at, done FROM {schema}.cursors WHERE lane = $1;
+
+-- cursors --
+-- Both lanes, for logs and status.
+SELECT lane, updated_at, last_id, until_at, done FROM {schema}.cursors ORDER BY lane;
+
+-- advance_live --
+-- The live cursor moves forward only, and never past the database clock.
+UPDATE {schema}.cursors
+SET updated_at = greatest(updated_at, least($1::timestamptz, clock_timestamp())), changed_at = clock_timestamp()
+WHERE lane = 'live';
+
+-- advance_backfill --
+-- The backfill cursor moves to the last key staged; done when the walk reached the first start.
+UPDATE {schema}.cursors
+SET updated_at = $1, last_id = $2, done = $3, changed_at = clock_timestamp()
+WHERE lane = 'backfill';
+
+-- backfill_waiting --
+-- Backfill users staged and not yet taken into a batch (counted up to the lookahead $1).
+SELECT count(*) FROM (
+    SELECT 1 FROM {schema}.sync_state WHERE dirty AND batch_id IS NULL AND lane = 1 LIMIT $1
+) AS waiting;

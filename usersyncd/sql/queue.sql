@@ -1,0 +1,143 @@
+-- The durable queue: users waiting in sync_state, batches formed by the worker that sends them.
+-- {schema} is the quoted state schema. Every statement here is one transaction.
+
+-- has_work --
+-- Is there anything a worker could send now? (ready users, or a released / abandoned batch)
+SELECT EXISTS (SELECT 1 FROM {schema}.sync_state WHERE dirty AND batch_id IS NULL)
+    OR EXISTS (SELECT 1 FROM {schema}.batches
+               WHERE queue = $1 AND ((status = 'pending' AND coalesce(not_before, '-infinity') <= clock_timestamp())
+                                  OR (status = 'claimed' AND lease_until < clock_timestamp())));
+
+-- claim_open_batch --
+-- Take a released batch that is due, or one whose worker vanished (lease expired).
+UPDATE {schema}.batches b
+SET status = 'claimed', claimed_by = $2, lease_until = clock_timestamp() + make_interval(secs => $3)
+WHERE b.id = (
+    SELECT id FROM {schema}.batches
+    WHERE queue = $1
+      AND ((status = 'pending' AND coalesce(not_before, '-infinity') <= clock_timestamp())
+        OR (status = 'claimed' AND lease_until < clock_timestamp()))
+    ORDER BY lane, id
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING b.id, b.lane, b.user_ids, b.attempts;
+
+-- new_batch --
+-- An empty batch, claimed by its creator, that users are then added to.
+INSERT INTO {schema}.batches (queue, user_ids, claimed_by, lease_until)
+VALUES ($1, '{}', $2, clock_timestamp() + make_interval(secs => $3))
+RETURNING id;
+
+-- form_lock --
+-- Serialises batch formation across workers and replicas (held to the end of the transaction).
+SELECT pg_advisory_xact_lock(hashtext('usersyncd.form:' || $1));
+
+-- take_ready --
+-- Move up to $2 ready users into batch $1: live lane first, then the oldest waiting.
+WITH picked AS (
+    SELECT user_id FROM {schema}.sync_state
+    WHERE dirty AND batch_id IS NULL
+    ORDER BY lane, dirty_since, user_id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {schema}.sync_state s SET batch_id = $1
+FROM picked WHERE s.user_id = picked.user_id
+RETURNING s.user_id, s.lane, s.sent_hash;
+
+-- batch_hashes --
+-- What the API last accepted for the users of a batch being retried.
+SELECT user_id, sent_hash FROM {schema}.sync_state WHERE user_id = ANY($1::text[]);
+
+-- set_members --
+-- The users the batch will carry (after dropping the unchanged, invalid and missing).
+UPDATE {schema}.batches SET user_ids = $2::text[], lane = $3 WHERE id = $1;
+
+-- drop_users --
+-- Users leaving a batch unsent (unchanged, invalid, missing): they wait again only if the
+-- poller has seen a newer version than the one just read ($2: user ids, $3: updated_at read;
+-- NULL for a user whose row is gone or filtered out, which waits no more).
+UPDATE {schema}.sync_state s
+SET batch_id = NULL,
+    dirty = s.seen_updated_at > coalesce(r.read_at, 'infinity')
+FROM unnest($2::text[], $3::timestamptz[]) AS r(user_id, read_at)
+WHERE s.user_id = r.user_id AND s.batch_id = $1;
+
+-- mark_sent --
+-- The API accepted these users with these contents ($2 ids, $3 hashes, $4 updated_at read).
+UPDATE {schema}.sync_state s
+SET batch_id = NULL,
+    sent_hash = r.hash,
+    sent_updated_at = r.read_at,
+    sent_at = clock_timestamp(),
+    dirty = s.seen_updated_at > r.read_at
+FROM unnest($2::text[], $3::bytea[], $4::timestamptz[]) AS r(user_id, hash, read_at)
+WHERE s.user_id = r.user_id AND s.batch_id = $1;
+
+-- resolve_failures --
+-- Open failures whose every user has been sent successfully since are resolved by themselves.
+UPDATE {schema}.failures f
+SET resolved_at = clock_timestamp(), resolution = 'synced',
+    replay_outcome = CASE WHEN f.replayed_at IS NOT NULL THEN 'synced' ELSE f.replay_outcome END
+WHERE f.resolved_at IS NULL AND f.user_ids && $1::text[]
+  AND NOT EXISTS (
+      SELECT 1 FROM unnest(f.user_ids) AS u(user_id)
+      LEFT JOIN {schema}.sync_state s ON s.user_id = u.user_id
+      WHERE s.sent_at IS NULL OR s.sent_at < f.last_failed_at
+  );
+
+-- finish_batch --
+-- A batch ends: done (everything sent or dead-lettered) or failed.
+UPDATE {schema}.batches
+SET status = $2, finished_at = clock_timestamp(), claimed_by = NULL, lease_until = NULL,
+    last_status = $3, last_error = $4
+WHERE id = $1;
+
+-- spend_attempt --
+-- One more attempt spent on the batch; the next starts no earlier than $2 seconds from now.
+UPDATE {schema}.batches
+SET attempts = attempts + 1, last_status = $3, last_error = $4,
+    not_before = clock_timestamp() + make_interval(secs => $2)
+WHERE id = $1
+RETURNING attempts;
+
+-- release_batches --
+-- Batches held by worker $1 (or, for a process id, by any of its workers) go back to the
+-- queue, due after $2 seconds.
+UPDATE {schema}.batches
+SET status = 'pending', claimed_by = NULL, lease_until = NULL,
+    not_before = greatest(coalesce(not_before, '-infinity'), clock_timestamp() + make_interval(secs => $2))
+WHERE (claimed_by = $1 OR starts_with(claimed_by, $1 || '/')) AND status = 'claimed';
+
+-- renew_leases --
+-- This process is alive: extend the leases of the batches its workers hold.
+UPDATE {schema}.batches SET lease_until = clock_timestamp() + make_interval(secs => $2)
+WHERE (claimed_by = $1 OR starts_with(claimed_by, $1 || '/')) AND status = 'claimed';
+
+-- record_failure --
+-- Dead-letter users; an open failure of the same kind for the same single user is updated instead.
+WITH existing AS (
+    UPDATE {schema}.failures
+    SET error = $4, http_status = $5, attempts = attempts + $6, request_id = $7, batch_id = $8,
+        payload = $9, last_failed_at = clock_timestamp(), field = $3
+    WHERE resolved_at IS NULL AND kind = $1 AND user_ids = $2::text[] AND cardinality($2::text[]) = 1
+    RETURNING id
+)
+INSERT INTO {schema}.failures (kind, user_ids, field, error, http_status, attempts, request_id, batch_id, payload)
+SELECT $1, $2::text[], $3, $4, $5, $6, $7, $8, $9
+WHERE NOT EXISTS (SELECT 1 FROM existing)
+RETURNING id;
+
+-- backlog --
+-- How much waits: ready users by lane, open batches, open failures.
+SELECT
+    (SELECT count(*) FROM {schema}.sync_state WHERE dirty AND batch_id IS NULL AND lane = 0) AS live_ready,
+    (SELECT count(*) FROM {schema}.sync_state WHERE dirty AND batch_id IS NULL AND lane = 1) AS backfill_ready,
+    (SELECT count(*) FROM {schema}.batches WHERE status IN ('pending', 'claimed')) AS open_batches,
+    (SELECT count(*) FROM {schema}.failures WHERE resolved_at IS NULL) AS open_failures;
+
+-- prune --
+-- Finished batches older than the retention.
+DELETE FROM {schema}.batches
+WHERE finished_at IS NOT NULL AND finished_at < clock_timestamp() - make_interval(secs => $1);

@@ -1,0 +1,93 @@
+-- The request quota (usersyncd/quota.py): the ledger `requests` and the `pauses`.
+-- {schema} is replaced by the quoted state_schema. Times come from the database clock.
+
+-- lock_ledger --
+-- Serialise every quota decision of every process sharing this schema, until the transaction ends.
+SELECT pg_advisory_xact_lock(hashtext('usersyncd.quota:' || $1))
+
+-- ledger_window --
+-- The database clock, and the starts of the last $1 seconds in seconds relative to it (<= 0), oldest first.
+SELECT c.now,
+       ARRAY(SELECT extract(epoch FROM r.started_at - c.now)::float8
+             FROM {schema}.requests AS r
+             WHERE r.started_at > c.now - make_interval(secs => $1)
+             ORDER BY r.started_at) AS starts
+FROM (SELECT clock_timestamp() AS now) AS c
+
+-- pauses --
+-- Every pause, with the seconds left of it at the moment $1 (zero, negative or NULL: over).
+SELECT reason, extract(epoch FROM until_at - $1::timestamptz)::float8 AS remaining, detail
+FROM {schema}.pauses
+ORDER BY reason
+
+-- end_rate_limit --
+-- Drop a rate-limit pause that is over at the moment $1.
+DELETE FROM {schema}.pauses
+WHERE reason = 'rate_limited' AND (until_at IS NULL OR until_at <= $1::timestamptz)
+
+-- schedule_probe --
+-- A credentials probe goes out now: the next one no earlier than $1 seconds from now.
+UPDATE {schema}.pauses
+SET until_at = clock_timestamp() + make_interval(secs => $1)
+WHERE reason = 'credentials'
+
+-- reopen_probe --
+-- A granted probe was not sent: let the next acquirer probe at once.
+UPDATE {schema}.pauses
+SET until_at = clock_timestamp()
+WHERE reason = 'credentials' AND until_at > clock_timestamp()
+
+-- insert_start --
+-- Take a slot: one ledger row per request start, stamped with the database clock.
+INSERT INTO {schema}.requests (kind, batch_id, attempt, users, worker)
+VALUES ($1, $2, $3, $4, $5)
+RETURNING id, started_at
+
+-- insert_external --
+-- Count $1 requests another client made on the account, stamped now (they hold slots for a span).
+INSERT INTO {schema}.requests (kind, worker)
+SELECT 'external', $2 FROM generate_series(1, $1::integer)
+
+-- delete_start --
+-- Give a slot back: the request never started.
+DELETE FROM {schema}.requests WHERE id = $1
+
+-- record_result --
+-- What became of a request.
+UPDATE {schema}.requests
+SET status = $2, outcome = $3, duration_ms = $4, request_id = $5, response_request_id = $6,
+    error = $7
+WHERE id = $1
+
+-- ledger_at --
+-- For a request that started at $1: our starts within the $2 seconds up to it (itself included),
+-- and the 'external' rows recorded from that span's beginning on (also those stamped after $1).
+SELECT count(*) FILTER (WHERE kind <> 'external' AND started_at <= $1::timestamptz) AS ours,
+       count(*) FILTER (WHERE kind = 'external') AS external
+FROM {schema}.requests
+WHERE started_at > $1::timestamptz - make_interval(secs => $2)
+
+-- upsert_pause --
+-- Pause sending for $2 seconds; a rate-limit pause keeps the later end, a credentials pause the new one.
+INSERT INTO {schema}.pauses AS p (reason, until_at, detail)
+VALUES ($1, clock_timestamp() + make_interval(secs => $2), $3)
+ON CONFLICT (reason) DO UPDATE
+SET until_at = CASE WHEN p.reason = 'rate_limited' THEN greatest(p.until_at, excluded.until_at)
+                    ELSE excluded.until_at END,
+    detail = excluded.detail,
+    since = CASE WHEN p.reason = 'rate_limited' AND p.until_at <= clock_timestamp()
+                 THEN clock_timestamp() ELSE p.since END
+RETURNING extract(epoch FROM until_at - clock_timestamp())::float8 AS remaining
+
+-- delete_pause --
+-- End a pause (a probe got through); returns the row if there was one.
+DELETE FROM {schema}.pauses WHERE reason = $1 RETURNING reason, since
+
+-- prune --
+-- Drop ledger rows older than $1 seconds (the caller never passes less than the span); count them.
+WITH gone AS (
+    DELETE FROM {schema}.requests
+    WHERE started_at < clock_timestamp() - make_interval(secs => $1)
+    RETURNING 1
+)
+SELECT count(*) FROM gone

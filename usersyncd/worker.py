@@ -1,0 +1,354 @@
+"""SyncUserBatch: one batch end to end, and the worker loop that runs batches.
+
+Order of one attempt: take a quota slot, then read the users' CURRENT rows (so a retry can
+never send an older state over a newer one), validate, drop what the API already has, send.
+A fresh batch is formed only once its slot is granted: it is as full and as fresh as can be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import tenacity
+from loguru import logger
+
+from usersyncd import api, records
+from usersyncd.config import Config
+from usersyncd.errors import TransientDeliveryError, UserSyncError
+from usersyncd.queue import Batch, Queue
+from usersyncd.quota import Quota, Slot
+from usersyncd.source import Source
+
+FORM_ROUNDS = 10  # top-up rounds when validation or deduplication empties part of a batch
+MAX_PAUSE = 24 * 3600.0  # seconds; a Retry-After beyond this is taken as this
+
+
+class Stopping(UserSyncError):
+    """Shutdown was requested; the batch goes back to the queue."""
+
+
+class _SendAgain(Exception):
+    """Sending was paused (429, 401/403): the same users go again, no attempt spent."""
+
+
+@dataclass(frozen=True)
+class Member:
+    user_id: str
+    payload: dict[str, Any]
+    hash: bytes
+    read_at: datetime
+
+
+class SyncUserBatch:
+    """One batch: form or refresh it, send it through the quota, retry, dead-letter."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        pool: asyncpg.Pool,
+        source: Source,
+        queue: Queue,
+        quota: Quota,
+        client: api.ExternalUserApi,
+        stop: asyncio.Event,
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.source = source
+        self.queue = queue
+        self.quota = quota
+        self.client = client
+        self.stop = stop
+        self.log = logger
+        self._state: _State | None = None
+
+    async def run(self, batch: Batch | None) -> None:
+        """Deliver `batch` (a reclaimed one), or form a new one when a slot is granted."""
+        attempts = self.config.retry.attempts
+        done_before = batch.attempts if batch is not None else 0
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(max(1, attempts - done_before)),
+            wait=self._wait,
+            retry=tenacity.retry_if_exception_type(TransientDeliveryError),
+            sleep=self._sleep,
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        state = self._state = _State(batch)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._attempt(state)
+        except TransientDeliveryError as exc:
+            await self._dead_letter_exhausted(state, exc)
+        except Stopping:
+            if state.batch is not None:
+                await self.queue.release_mine()
+            raise
+
+    # -- one attempt ---------------------------------------------------------------------
+
+    async def _attempt(self, state: _State) -> None:
+        while True:
+            try:
+                await self._send_once(state)
+                return
+            except _SendAgain:
+                continue
+
+    async def _send_once(self, state: _State) -> None:
+        kind = "send" if state.batch is None or (state.batch.attempts == 0 and not state.batch.reclaimed) else "retry"
+        attempt_no = (state.batch.attempts if state.batch else 0) + 1
+        slot = await self.quota.acquire(
+            kind=kind, batch_id=state.batch.id if state.batch else None, attempt=attempt_no, stop=self.stop
+        )
+        if slot is None:
+            raise Stopping()
+        members = await self._members(state)
+        if not members:
+            await self.quota.release(slot)
+            if state.batch is not None:
+                await self.queue.finish(state.batch, "done")
+                self.log.bind(batch_id=state.batch.id).debug("batch empty after validation and deduplication")
+            return
+        if self.stop.is_set():  # no new request starts after SIGTERM
+            await self.quota.release(slot)
+            raise Stopping()
+        assert state.batch is not None
+        await self._deliver(state, slot, members, attempt_no)
+
+    async def _members(self, state: _State) -> list[Member]:
+        """The users to send now, with their current payloads."""
+        if state.batch is None:
+            state.batch = await self.queue.new_batch()
+            members: list[Member] = []
+            lanes: dict[str, int] = {}
+            for _ in range(FORM_ROUNDS):
+                want = self.config.limits.batch_size - len(members)
+                taken = await self.queue.take_ready(state.batch, want)
+                if not taken:
+                    break
+                lanes.update(taken)
+                members += await self._prepare(state.batch, list(taken))
+                if len(taken) < want or len(members) >= self.config.limits.batch_size:
+                    break
+            lane = min((lanes[m.user_id] for m in members), default=0)
+            await self.queue.set_members(state.batch, [m.user_id for m in members], lane)
+            if members:
+                self.log.bind(batch_id=state.batch.id, users=len(members), lane=("live", "backfill")[lane]).info(
+                    "batch created"
+                )
+            return members
+        members = await self._prepare(state.batch, state.batch.user_ids)
+        await self.queue.set_members(state.batch, [m.user_id for m in members], 0)
+        return members
+
+    async def _prepare(self, batch: Batch, user_ids: Sequence[str]) -> list[Member]:
+        """Read the users now; invalid ones to failures, unchanged and missing ones out."""
+        async with self.pool.acquire() as conn:
+            rows = await self.source.fetch(conn, user_ids)
+        hashes = await self.queue.sent_hashes(user_ids)
+        members: list[Member] = []
+        dropped: dict[str, datetime | None] = {}
+        for user_id in user_ids:
+            row = rows.get(user_id)
+            if row is None:  # deleted, or no longer passes the filter
+                dropped[user_id] = None
+                continue
+            result = records.validate(user_id, row.values, self.config.source.fields)
+            if isinstance(result, records.Invalid):
+                await self.queue.record_failure(
+                    "invalid", [user_id], result.reason, field=result.field, batch_id=batch.id
+                )
+                self.log.bind(batch_id=batch.id, user_id=user_id, field=result.field).warning(
+                    "invalid record dead-lettered: {}", result.reason
+                )
+                dropped[user_id] = row.updated_at
+                continue
+            digest = records.content_hash(result)
+            if hashes.get(user_id) == digest:  # the API has exactly this already (G4)
+                dropped[user_id] = row.updated_at
+                continue
+            members.append(Member(user_id, result, digest, row.updated_at))
+        await self.queue.drop_users(batch, dropped)
+        return members
+
+    async def _deliver(self, state: _State, slot: Slot, members: list[Member], attempt_no: int) -> None:
+        """Send `members` on `slot`; splits on 413, sends the rest when the API names bad records."""
+        batch = state.batch
+        assert batch is not None
+        outcome = await self.client.send([m.payload for m in members], batch_id=batch.id, attempt=attempt_no)
+        await self.quota.record(
+            slot,
+            status=outcome.status,
+            outcome=outcome.kind.value,
+            duration_ms=outcome.duration_ms,
+            request_id=outcome.request_id,
+            response_request_id=outcome.response_request_id,
+            error=outcome.error,
+            rate_limit_remaining=outcome.rate_limit_remaining,
+        )
+        log = self.log.bind(
+            batch_id=batch.id,
+            attempt=f"{attempt_no}/{self.config.retry.attempts}",
+            request_id=outcome.request_id,
+            users=len(members),
+        )
+        kind = outcome.kind
+        if kind is api.OutcomeKind.OK:
+            if slot.probe:
+                await self.quota.resume("credentials")
+            await self.queue.mark_sent(batch, [(m.user_id, m.hash, m.read_at) for m in members])
+            sent = {m.user_id for m in members}
+            batch.user_ids = [u for u in batch.user_ids if u not in sent]
+            if not batch.user_ids:
+                await self.queue.finish(batch, "done", http_status=outcome.status)
+            log.bind(outcome="ok", status=outcome.status).info("batch delivered")
+            return
+        if kind is api.OutcomeKind.RATE_LIMITED:
+            wait = min(outcome.retry_after or self.config.limits.window, MAX_PAUSE)
+            await self.quota.pause("rate_limited", wait, f"HTTP 429; retry in {wait:.1f} s")
+            log.bind(outcome="rate_limited", pause_s=wait).warning("API rate limit hit; all sending paused")
+            raise _SendAgain()
+        if kind is api.OutcomeKind.UNAUTHORIZED:
+            await self.quota.pause(
+                "credentials", self.config.retry.backoff, f"HTTP {outcome.status}: API credentials refused"
+            )
+            log.bind(outcome="unauthorized", status=outcome.status).critical(
+                "API credentials refused; sending paused, probing every {} s", self.config.retry.backoff
+            )
+            raise _SendAgain()
+        if slot.probe:  # the probe got an answer other than 401/403: credentials work again
+            await self.quota.resume("credentials")
+        if kind is api.OutcomeKind.TOO_LARGE:
+            if len(members) == 1:
+                await self._dead_letter(batch, "too_large", members, outcome, attempt_no)
+                return
+            half = len(members) // 2
+            log.bind(outcome="too_large").warning("batch too large; splitting into halves")
+            for part in (members[:half], members[half:]):
+                await self._send_part(state, part, attempt_no)
+            return
+        if kind is api.OutcomeKind.REJECTED:
+            named = [members[i] for i in outcome.rejected_indices if i < len(members)]
+            if named and len(named) < len(members):
+                await self._dead_letter(batch, "rejected", named, outcome, attempt_no)
+                rest = [m for m in members if m not in named]
+                await self._send_part(state, rest, attempt_no)
+                return
+            await self._dead_letter(batch, "rejected", members, outcome, attempt_no)
+            return
+        # transient: the attempt is spent (persisted, so a restart continues the count);
+        # tenacity decides whether another comes
+        await self.queue.spend_attempt(
+            batch,
+            next_in=retry_delay(self.config.retry.backoff, outcome.retry_after),
+            status=outcome.status,
+            error=(outcome.error or "")[:500],
+        )
+        raise TransientDeliveryError(outcome.error or f"HTTP {outcome.status}") from _OutcomeError(outcome)
+
+    async def _send_part(self, state: _State, part: list[Member], attempt_no: int) -> None:
+        """A part of the batch (a half after 413, the rest after named rejects): its own slot."""
+        while True:
+            slot = await self.quota.acquire(kind="split", batch_id=state.batch.id if state.batch else None, attempt=attempt_no, stop=self.stop)
+            if slot is None:
+                raise Stopping()
+            try:
+                await self._deliver(state, slot, part, attempt_no)
+                return
+            except _SendAgain:
+                continue
+
+    async def _dead_letter(
+        self, batch: Batch, kind: str, members: Sequence[Member], outcome: api.Outcome, attempt_no: int
+    ) -> None:
+        ids = [m.user_id for m in members]
+        error = outcome.error or f"HTTP {outcome.status}"
+        if outcome.body_excerpt:
+            error = f"{error}: {outcome.body_excerpt}"
+        await self.queue.record_failure(
+            kind,
+            ids,
+            error,
+            http_status=outcome.status,
+            attempts=attempt_no,
+            request_id=outcome.request_id,
+            batch_id=batch.id,
+            payload={"subscribers": [m.payload for m in members]},
+        )
+        await self.queue.drop_users(batch, {m.user_id: m.read_at for m in members})
+        gone = set(ids)
+        batch.user_ids = [u for u in batch.user_ids if u not in gone]
+        if not batch.user_ids:
+            await self.queue.finish(batch, "failed", http_status=outcome.status, error=error[:500])
+        self.log.bind(batch_id=batch.id, users=len(ids), status=outcome.status, kind=kind).error(
+            "users dead-lettered: {}", error[:200]
+        )
+
+    async def _dead_letter_exhausted(self, state: _State, exc: TransientDeliveryError) -> None:
+        """Retries used up: what is still unsent goes to failures with the last answer."""
+        batch = state.batch
+        if batch is None:
+            return
+        members = await self._prepare(batch, batch.user_ids) if batch.user_ids else []
+        if not members:  # meanwhile unchanged, deleted or invalid: nothing left to dead-letter
+            await self.queue.finish(batch, "done")
+            return
+        batch.user_ids = [m.user_id for m in members]
+        cause = exc.__cause__
+        assert isinstance(cause, _OutcomeError)
+        await self._dead_letter(batch, "exhausted", members, cause.outcome, batch.attempts)
+
+    # -- retry policy --------------------------------------------------------------------
+
+    def _wait(self, retry_state: tenacity.RetryCallState) -> float:
+        """`retry.backoff` between attempts, longer if the API sent Retry-After."""
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        retry_after = None
+        if exc is not None and isinstance(exc.__cause__, _OutcomeError):
+            retry_after = exc.__cause__.outcome.retry_after
+        return retry_delay(self.config.retry.backoff, retry_after)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait between attempts on the event loop; a shutdown interrupts it."""
+        try:
+            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
+        except TimeoutError:
+            return
+        raise Stopping()
+
+    async def _log_retry(self, retry_state: tenacity.RetryCallState) -> None:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        wait = retry_state.next_action.sleep if retry_state.next_action else 0.0
+        batch = self._state.batch if self._state else None
+        self.log.bind(
+            batch_id=batch.id if batch else None,
+            attempt=f"{batch.attempts if batch else retry_state.attempt_number}/{self.config.retry.attempts}",
+            retry_in=round(wait, 3),
+            cause=str(exc)[:200],
+        ).warning("batch attempt failed; retrying")
+
+
+def retry_delay(backoff: float, retry_after: float | None) -> float:
+    """Seconds before the next attempt: the backoff, or the API's Retry-After when longer."""
+    if retry_after is None:
+        return backoff
+    return max(backoff, min(retry_after, MAX_PAUSE))
+
+
+class _OutcomeError(Exception):
+    def __init__(self, outcome: api.Outcome) -> None:
+        super().__init__(outcome.error)
+        self.outcome = outcome
+
+
+@dataclass
+class _State:
+    batch: Batch | None
