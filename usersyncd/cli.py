@@ -74,6 +74,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(daemon.run(cfg, once=args.once))
 
 
+async def _with_pool(cfg: config.Config, action: Callable[[Any], Any]) -> Any:
+    """Run `action(pool)` on a small pool; the state tables are created if missing."""
+    pool = await db.create_pool(cfg.database.url, min_size=1, max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            await db.migrate(conn, cfg.database.state_schema)
+        return await action(pool)
+    finally:
+        await pool.close()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from usersyncd import status
+
+    cfg = load(args)
+    snapshot = asyncio.run(_with_pool(cfg, lambda pool: status.collect(pool, cfg)))
+    print(status.render_json(snapshot) if args.json else status.render_text(snapshot))
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from usersyncd import checks
+
+    cfg = load(args)
+    return asyncio.run(checks.check(cfg, probe_api=args.api))
+
+
+def _json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _check_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api", action="store_true", help="also probe the API (costs one request of the quota)")
+
+
 def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--once", action="store_true", help="drain what is pending now, then exit")
     parser.add_argument(
@@ -85,6 +120,8 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None] | None]] = {
     "run": (cmd_run, "the daemon: poll, batch and send under the quota (foreground)", _run_options),
+    "status": (cmd_status, "backlog, queue, quota, failures, pause, live workers", _json_option),
+    "check": (cmd_check, "validate the config, the database, the source table and (--api) the API", _check_options),
     "migrate": (cmd_migrate, "create or upgrade usersyncd's own tables", None),
 }
 

@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 import asyncpg
 from loguru import logger
 
-from usersyncd import __version__, api, db, source
+from usersyncd import __version__, api, db, source, status
 from usersyncd.config import Config
+from usersyncd.errors import UserSyncError
+from usersyncd.http import HealthServer
+from usersyncd.metrics import Metrics
 from usersyncd.poller import UserSyncService
 from usersyncd.queue import Queue
 from usersyncd.quota import Quota
@@ -84,7 +87,19 @@ class Daemon:
             )
             self.work_ready = asyncio.Event()
             self.poller = UserSyncService(cfg, pool, self.source, work_ready=self.work_ready)
-            return await self._supervise()
+            self.metrics = Metrics()
+            health = None
+            if cfg.http.address is not None:
+                health = HealthServer(self.metrics, ready=self._not_ready_because, refresh=self._refresh_metrics)
+                try:
+                    await health.start(*cfg.http.address)
+                except OSError as exc:
+                    raise UserSyncError(f"http.listen: cannot listen on {cfg.http.listen}: {exc.strerror or exc}") from None
+            try:
+                return await self._supervise()
+            finally:
+                if health is not None:
+                    await health.stop()
         finally:
             client = getattr(self, "client", None)
             if client is not None:
@@ -169,6 +184,22 @@ class Daemon:
                 await _wait_any(self.stop, timeout=1.0)
             finally:
                 self.busy -= 1
+
+    async def _not_ready_because(self) -> str | None:
+        """Readiness (SPEC §8): None when ready, else why not."""
+        if not self.ready or self.stop.is_set():
+            return "starting" if not self.stop.is_set() else "stopping"
+        assert self.pool is not None
+        await self.pool.fetchval("SELECT 1")  # raises while the database is unreachable
+        state = await self.quota.state()
+        if state.paused == "credentials":
+            return f"sending paused: {state.pause_detail}"
+        return None
+
+    async def _refresh_metrics(self) -> None:
+        assert self.pool is not None
+        snapshot = await status.collect(self.pool, self.config, count_unstaged=False)
+        self.metrics.update(snapshot, quota_waits=self.quota.waits)
 
     async def _stop_when_drained(self) -> None:
         """`--once`: stop when the poller has caught up and nothing is left to send."""

@@ -257,7 +257,7 @@ class SyncUserBatch:
     async def _send_part(self, state: _State, part: list[Member], attempt_no: int) -> None:
         """A part of the batch (a half after 413, the rest after named rejects): its own slot."""
         while True:
-            slot = await self.quota.acquire(kind="split", batch_id=state.batch.id if state.batch else None, attempt=attempt_no, stop=self.stop)
+            slot = await self.quota.acquire(kind="send", batch_id=state.batch.id if state.batch else None, attempt=attempt_no, stop=self.stop)
             if slot is None:
                 raise Stopping()
             try:

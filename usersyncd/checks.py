@@ -1,0 +1,80 @@
+"""`usersyncd check`: the config, the database, the source table, and (on request) the API."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from usersyncd import api, db, source
+from usersyncd.config import Config
+from usersyncd.errors import UserSyncError
+from usersyncd.quota import Quota
+
+
+async def check(config: Config, *, probe_api: bool = False) -> int:
+    """Print one line per check; 0 when everything passed, 1 otherwise."""
+    problems = 0
+
+    def report(ok: bool, what: str) -> None:
+        nonlocal problems
+        problems += 0 if ok else 1
+        print(f"{'ok  ' if ok else 'FAIL'} {what}")
+
+    report(True, "config is valid")
+    try:
+        pool = await db.create_pool(config.database.url, min_size=1, max_size=2)
+    except UserSyncError as exc:
+        report(False, str(exc))
+        return 1
+    try:
+        async with pool.acquire() as conn:
+            report(True, f"database reachable: {db.redact_dsn(config.database.url)}")
+            await _check_source(conn, config, report)
+            version = await db.schema_version(conn, config.database.state_schema)
+            if version is None:
+                print(f"note state schema {config.database.state_schema!r} not created yet (run creates it)")
+            else:
+                report(True, f"state schema {config.database.state_schema!r} at version {version}")
+        if probe_api:
+            await _probe_api(pool, config, report)
+    finally:
+        await pool.close()
+    return 0 if problems == 0 else 1
+
+
+async def _check_source(conn: asyncpg.Connection, config: Config, report) -> None:  # type: ignore[no-untyped-def]
+    try:
+        src = await source.inspect(conn, config.source)
+    except UserSyncError as exc:
+        report(False, str(exc))
+        return
+    report(True, f"source table {config.source.table} with columns {', '.join(src.columns)}")
+    report(
+        src.has_keyset_index,
+        f"index on ({config.source.updated_at_column}, {config.source.id_column})"
+        + ("" if src.has_keyset_index else " is missing: every poll would scan the whole table"),
+    )
+
+
+async def _probe_api(pool: asyncpg.Pool, config: Config, report) -> None:  # type: ignore[no-untyped-def]
+    """One real request (an empty batch), through the quota like any other."""
+    async with pool.acquire() as conn:
+        await db.migrate(conn, config.database.state_schema)
+    quota = Quota(pool, config.limits, config.database.state_schema, worker="check", credentials_probe_every=config.retry.backoff)
+    slot = await quota.acquire(kind="probe")
+    assert slot is not None
+    async with api.ExternalUserApi(config.api) as client:
+        outcome = await client.send([])
+    await quota.record(
+        slot,
+        status=outcome.status,
+        outcome=outcome.kind.value,
+        duration_ms=outcome.duration_ms,
+        request_id=outcome.request_id,
+        response_request_id=outcome.response_request_id,
+        error=outcome.error,
+    )
+    reached = outcome.status is not None
+    authorised = outcome.kind is not api.OutcomeKind.UNAUTHORIZED
+    detail = f"HTTP {outcome.status}" if reached else outcome.error
+    report(reached and authorised, f"API {config.api.url}{config.api.batch_path}: {detail}"
+           + ("" if authorised else " (credentials refused)"))

@@ -1,0 +1,55 @@
+"""Prometheus metrics (SPEC §8): counters fed by the worker, gauges refreshed from the database
+at each scrape (so they agree with `usersyncd status`)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 - re-exported for http.py
+
+from usersyncd.status import Status
+
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds
+
+
+class Metrics:
+    """One registry per daemon (no global state: tests can run several)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("usersyncd_requests", "Batch requests by outcome.", ["outcome"], registry=r)
+        self.users_synced = Counter("usersyncd_users_synced", "Users the API accepted.", registry=r)
+        self.dead_lettered = Counter("usersyncd_users_dead_lettered", "Users put in failures.", ["kind"], registry=r)
+        self.retries = Counter("usersyncd_retries", "Batch attempts that failed and will be retried.", registry=r)
+        self.request_duration = Histogram(
+            "usersyncd_request_duration_seconds", "Duration of batch requests.", buckets=DURATION_BUCKETS, registry=r
+        )
+        self.quota_used = Gauge("usersyncd_quota_used", "Requests started in the current window.", registry=r)
+        self.quota_limit = Gauge("usersyncd_quota_limit", "Requests allowed per window.", registry=r)
+        self.quota_next_slot = Gauge("usersyncd_quota_next_slot_seconds", "Seconds until a slot frees.", registry=r)
+        self.quota_waits = Gauge("usersyncd_quota_waits", "Slot requests that had to wait (this process).", registry=r)
+        self.backlog = Gauge("usersyncd_backlog_users", "Users waiting to be sent, by lane.", ["lane"], registry=r)
+        self.queued_batches = Gauge("usersyncd_queued_batches", "Open batches (in flight or awaiting retry).", registry=r)
+        self.open_failures = Gauge("usersyncd_open_failures", "Open entries in the failures table.", registry=r)
+        self.paused = Gauge("usersyncd_paused", "1 while sending is paused, by reason.", ["reason"], registry=r)
+        self.up = Gauge("usersyncd_database_up", "1 when the last database read worked.", registry=r)
+
+    def observe_request(self, outcome: str, duration_ms: float) -> None:
+        self.requests.labels(outcome=outcome).inc()
+        self.request_duration.observe(duration_ms / 1000.0)
+
+    def update(self, status: Status, *, quota_waits: int = 0) -> None:
+        self.quota_used.set(status.quota_used)
+        self.quota_limit.set(status.quota_limit)
+        self.quota_next_slot.set(status.next_slot_in)
+        self.quota_waits.set(quota_waits)
+        self.backlog.labels(lane="live").set(status.live_ready)
+        self.backlog.labels(lane="backfill").set(status.backfill_ready)
+        self.backlog.labels(lane="in_batches").set(status.in_batches)
+        self.queued_batches.set(status.open_batches)
+        self.open_failures.set(status.open_failures)
+        for reason in ("rate_limited", "credentials"):
+            self.paused.labels(reason=reason).set(1 if status.paused == reason else 0)
+        self.up.set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

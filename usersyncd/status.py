@@ -1,0 +1,162 @@
+"""`usersyncd status`: backlog, queue, quota, failures, pause, live processes — from the database.
+
+The same snapshot feeds the metrics endpoint's gauges, so both always agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from usersyncd import db
+from usersyncd.config import Config
+from usersyncd.queue import Queue
+from usersyncd.quota import Quota
+
+LIVE_AFTER = 30.0  # seconds: a process whose heartbeat is older is taken for dead
+
+
+@dataclass
+class Status:
+    live_ready: int  # users waiting in the live lane
+    backfill_ready: int  # backfill users staged, waiting
+    backfill_unstaged: int | None  # source rows the backfill has not reached yet (None: done)
+    in_batches: int  # users in open batches (being sent or waiting for a retry)
+    open_batches: int
+    open_failures: int
+    quota_used: int
+    quota_limit: int
+    window: float
+    next_slot_in: float  # seconds
+    paused: str | None
+    paused_for: float | None
+    pause_detail: str | None
+    last_success: datetime | None
+    live_processes: list[dict[str, Any]]
+    cursors: dict[str, dict[str, Any]]
+    drain_eta: float  # seconds to send the whole backlog at full quota
+
+    @property
+    def backlog(self) -> int:
+        return self.live_ready + self.backfill_ready + (self.backfill_unstaged or 0) + self.in_batches
+
+
+def drain_eta(users: int, *, batch_size: int, limit: int, span: float, used: int, next_slot_in: float) -> float:
+    """Seconds until the last of `users` can be sent at full quota, given the window's state."""
+    requests = math.ceil(users / batch_size)
+    if requests == 0:
+        return 0.0
+    free_now = max(limit - used, 0)
+    if requests <= free_now:
+        return 0.0
+    later = requests - free_now
+    # after the free slots, each further group of `limit` needs one more span
+    return next_slot_in + (math.ceil(later / limit) - 1) * span
+
+
+async def collect(pool: asyncpg.Pool, config: Config, *, count_unstaged: bool = True) -> Status:
+    schema = config.database.state_schema
+    q = db.quote_ident(schema)
+    queue = Queue(pool, schema, config.queue.name, worker="status", lease=config.queue.retry_after)
+    quota = Quota(pool, config.limits, schema, worker="status", credentials_probe_every=config.retry.backoff)
+    backlog = await queue.backlog()
+    state = await quota.state()
+    async with pool.acquire() as conn:
+        in_batches = await conn.fetchval(f"SELECT count(*) FROM {q}.sync_state WHERE batch_id IS NOT NULL")
+        last_success = await conn.fetchval(f"SELECT max(started_at) FROM {q}.requests WHERE outcome = 'ok'")
+        processes = [
+            dict(r)
+            for r in await conn.fetch(
+                f"SELECT id, host, pid, version, started_at, heartbeat_at FROM {q}.processes"
+                " WHERE heartbeat_at > clock_timestamp() - make_interval(secs => $1) ORDER BY started_at",
+                LIVE_AFTER,
+            )
+        ]
+        cursors = {r["lane"]: dict(r) for r in await conn.fetch(db.queries("poller", schema)["cursors"])}
+        unstaged = await _unstaged(conn, config, cursors.get("backfill")) if count_unstaged else None
+    users = backlog.live_ready + backlog.backfill_ready + (unstaged or 0) + in_batches
+    return Status(
+        live_ready=backlog.live_ready,
+        backfill_ready=backlog.backfill_ready,
+        backfill_unstaged=unstaged,
+        in_batches=in_batches,
+        open_batches=backlog.open_batches,
+        open_failures=backlog.open_failures,
+        quota_used=state.used,
+        quota_limit=state.limit,
+        window=state.window,
+        next_slot_in=state.next_free_in,
+        paused=state.paused,
+        paused_for=state.paused_for,
+        pause_detail=state.pause_detail,
+        last_success=last_success,
+        live_processes=processes,
+        cursors=cursors,
+        drain_eta=drain_eta(
+            users,
+            batch_size=config.limits.batch_size,
+            limit=state.limit,
+            span=config.limits.span,
+            used=state.used,
+            next_slot_in=state.next_free_in,
+        ),
+    )
+
+
+async def _unstaged(conn: asyncpg.Connection, config: Config, cursor: dict[str, Any] | None) -> int | None:
+    """Source rows between the backfill cursor and its end (an index range count)."""
+    if cursor is None or cursor["done"]:
+        return None
+    from usersyncd import source
+
+    src = await source.inspect(conn, config.source)
+    upd, uid = db.quote_ident(config.source.updated_at_column), db.quote_ident(config.source.id_column)
+    after = (
+        f"({upd}, {uid}) > ($1::timestamptz, $2::text::{src.id_type})"
+        if cursor["last_id"] is not None
+        else f"{upd} >= $1::timestamptz AND $2::text IS NULL"
+    )
+    return await conn.fetchval(
+        f"SELECT count(*) FROM {src.table} WHERE {after} AND {upd} < $3 AND {src.where_filter}",
+        cursor["updated_at"],
+        cursor["last_id"],
+        cursor["until_at"],
+    )
+
+
+def render_json(status: Status) -> str:
+    data = asdict(status)
+    data["backlog"] = status.backlog
+    return json.dumps(data, default=str, indent=2)
+
+
+def render_text(status: Status) -> str:
+    def ago(moment: datetime | None) -> str:
+        return moment.isoformat(timespec="seconds") if moment else "never"
+
+    pause = "no"
+    if status.paused:
+        pause = f"{status.paused} ({status.pause_detail or ''}; {status.paused_for or 0:.1f} s left)"
+    backfill = "done" if status.backfill_unstaged is None else f"{status.backfill_unstaged} rows not yet staged"
+    lines = [
+        f"backlog:        {status.backlog} users (live {status.live_ready}, backfill {status.backfill_ready} staged, {backfill})",
+        f"queued batches: {status.open_batches} ({status.in_batches} users in them)",
+        f"quota:          {status.quota_used}/{status.quota_limit} requests in the current {status.window:g} s window;"
+        f" next slot frees in {status.next_slot_in:.1f} s",
+        f"drain ETA:      {status.drain_eta:.0f} s at full quota",
+        f"open failures:  {status.open_failures}",
+        f"last success:   {ago(status.last_success)}",
+        f"paused:         {pause}",
+        f"live workers:   {len(status.live_processes)} process(es)"
+        + "".join(f"\n  - {p['id']} (pid {p['pid']}, since {ago(p['started_at'])})" for p in status.live_processes),
+    ]
+    for lane, cursor in status.cursors.items():
+        lines.append(
+            f"cursor {lane + ':':9} {ago(cursor['updated_at'])}" + (" (done)" if cursor.get("done") else "")
+        )
+    return "\n".join(lines)
