@@ -86,6 +86,7 @@ class Daemon:
                 pool, cfg.database.state_schema, cfg.queue.name, worker=self.worker_id, lease=cfg.queue.retry_after
             )
             self.work_ready = asyncio.Event()
+            self.forming = asyncio.Lock()
             self.poller = UserSyncService(cfg, pool, self.source, work_ready=self.work_ready)
             self.metrics = Metrics()
             health = None
@@ -173,6 +174,7 @@ class Daemon:
                     quota=self.quota,
                     client=self.client,
                     stop=self.stop,
+                    forming=self.forming,
                 )
                 await job.run(await queue.claim_open_batch())
             except Stopping:

@@ -67,7 +67,7 @@ class Queue:
         rows = await self.pool.fetch(self.sql["batch_hashes"], list(user_ids))
         return {r["user_id"]: r["sent_hash"] for r in rows}
 
-    async def set_members(self, batch: Batch, user_ids: Sequence[str], lane: int) -> None:
+    async def set_members(self, batch: Batch, user_ids: Sequence[str], lane: int | None = None) -> None:
         batch.user_ids = list(user_ids)
         await self.pool.execute(self.sql["set_members"], batch.id, batch.user_ids, lane)
 

@@ -10,6 +10,7 @@ Pauses (`pauses`) stop every sender of every replica: 429 until a time, 401/403 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -153,14 +154,21 @@ class Quota:
                     token = False  # spent on this start
                     self.granted += 1
                     logger.bind(
-                        slot=decision.id, kind=kind, batch_id=batch_id, probe=decision.probe,
+                        slot=decision.id,
+                        kind=kind,
+                        batch_id=batch_id,
+                        probe=decision.probe,
                         waited_s=round(loop.time() - began, 3),
                     ).debug("quota slot granted")
                     return decision
                 waited = True
                 logger.bind(
-                    kind=kind, batch_id=batch_id, wait_s=round(decision.delay, 3),
-                    used=decision.used, limit=self.limit, paused=decision.paused,
+                    kind=kind,
+                    batch_id=batch_id,
+                    wait_s=round(decision.delay, 3),
+                    used=decision.used,
+                    limit=self.limit,
+                    paused=decision.paused,
                 ).debug("quota: waiting for a slot")
                 await _sleep(decision.delay, stop, wakeup)
             return None
@@ -170,7 +178,7 @@ class Quota:
             raise
         finally:
             if token:
-                self._spare_tokens += 1
+                self._give_token_back()
             if waited:
                 self.waits += 1
                 self.wait_seconds += loop.time() - began
@@ -186,9 +194,29 @@ class Quota:
                     await conn.execute(self._sql["reopen_probe"])
 
         await db.retrying(give_back, what="quota.release")
-        self._spare_tokens += 1
+        self._give_token_back()
         self._wake_waiters()
         logger.bind(slot=slot.id, kind=slot.kind).debug("quota slot released unused")
+
+    async def confirm(self, slot: Slot) -> Slot | None:
+        """Re-stamp a granted slot at the moment its request really starts.
+
+        Between the grant and the send, the worker reads and validates the batch; the API counts
+        by arrival, so the ledger must hold the real start, not the grant. Moving a stamp later
+        is safe while less than a span has passed since the grant: only grants a whole span
+        after it consult this row, and they will see the new stamp. Returns the slot with its
+        new stamp, or None if a span has passed (the caller releases it and acquires again).
+        """
+
+        async def restamp() -> datetime | None:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(self._sql["lock_ledger"], self._schema)
+                return await conn.fetchval(self._sql["confirm_start"], slot.id, self.span)
+
+        started_at = await db.retrying(restamp, what="quota.confirm")
+        if started_at is None:
+            return None
+        return dataclasses.replace(slot, started_at=started_at)
 
     async def record(
         self,
@@ -214,8 +242,14 @@ class Quota:
         async def store() -> int:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(
-                    self._sql["record_result"], slot.id, status, outcome, duration_ms,
-                    request_id, response_request_id, error[:ERROR_MAX] if error else error,
+                    self._sql["record_result"],
+                    slot.id,
+                    status,
+                    outcome,
+                    duration_ms,
+                    request_id,
+                    response_request_id,
+                    error[:ERROR_MAX] if error else error,
                 )
                 if rate_limit_remaining is None:
                     return 0
@@ -230,7 +264,9 @@ class Quota:
         added = await db.retrying(store, what="quota.record")
         if added:
             logger.bind(
-                remaining=rate_limit_remaining, external_added=added, limit=self.limit,
+                remaining=rate_limit_remaining,
+                external_added=added,
+                limit=self.limit,
                 slot=slot.id,
             ).warning("the API counts requests of another client on this account; holding back")
 
@@ -360,13 +396,17 @@ class Quota:
             await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
             if _succeeded(task):  # cancelled just as the token came: keep it for the next one
-                self._spare_tokens += 1
+                self._give_token_back()
             raise
         finally:
             stopped.cancel()
             if not task.done():
                 task.cancel()
         return _succeeded(task), True
+
+    def _give_token_back(self) -> None:
+        """A limiter token whose slot was never used serves the next acquire (no refund API)."""
+        self._spare_tokens = min(self._spare_tokens + 1, self.limit)
 
     def _wakeup_event(self) -> asyncio.Event:
         if self._wakeup is None:

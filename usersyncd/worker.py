@@ -24,6 +24,7 @@ from usersyncd.queue import Batch, Queue
 from usersyncd.quota import Quota, Slot
 from usersyncd.source import Source
 
+FORM_LEAD = 0.5  # seconds before its slot frees that a fresh batch is formed
 FORM_ROUNDS = 10  # top-up rounds when validation or deduplication empties part of a batch
 MAX_PAUSE = 24 * 3600.0  # seconds; a Retry-After beyond this is taken as this
 
@@ -57,8 +58,11 @@ class SyncUserBatch:
         quota: Quota,
         client: api.ExternalUserApi,
         stop: asyncio.Event,
+        forming: asyncio.Lock | None = None,
     ) -> None:
         self.config = config
+        self.forming = forming or asyncio.Lock()  # shared by the workers of one process
+        self.lead = min(FORM_LEAD, config.limits.span / 10)
         self.pool = pool
         self.source = source
         self.queue = queue
@@ -105,49 +109,80 @@ class SyncUserBatch:
     async def _send_once(self, state: _State) -> None:
         kind = "send" if state.batch is None or (state.batch.attempts == 0 and not state.batch.reclaimed) else "retry"
         attempt_no = (state.batch.attempts if state.batch else 0) + 1
-        slot = await self.quota.acquire(
-            kind=kind, batch_id=state.batch.id if state.batch else None, attempt=attempt_no, stop=self.stop
-        )
-        if slot is None:
-            raise Stopping()
-        members = await self._members(state)
+        if state.batch is None:
+            slot, members = await self._form_then_acquire(state, kind, attempt_no)
+            if slot is None:
+                return
+        else:
+            slot = await self.quota.acquire(kind=kind, batch_id=state.batch.id, attempt=attempt_no, stop=self.stop)
+            if slot is None:
+                raise Stopping()
+            members = await self._prepare(state.batch, state.batch.user_ids)
+            await self.queue.set_members(state.batch, [m.user_id for m in members])
+        assert state.batch is not None
         if not members:
             await self.quota.release(slot)
-            if state.batch is not None:
-                await self.queue.finish(state.batch, "done")
-                self.log.bind(batch_id=state.batch.id).debug("batch empty after validation and deduplication")
+            await self.queue.finish(state.batch, "done")
+            self.log.bind(batch_id=state.batch.id).debug("batch empty after validation and deduplication")
             return
         if self.stop.is_set():  # no new request starts after SIGTERM
             await self.quota.release(slot)
             raise Stopping()
-        assert state.batch is not None
         await self._deliver(state, slot, members, attempt_no)
 
-    async def _members(self, state: _State) -> list[Member]:
-        """The users to send now, with their current payloads."""
-        if state.batch is None:
-            state.batch = await self.queue.new_batch()
-            members: list[Member] = []
-            lanes: dict[str, int] = {}
-            for _ in range(FORM_ROUNDS):
-                want = self.config.limits.batch_size - len(members)
-                taken = await self.queue.take_ready(state.batch, want)
-                if not taken:
-                    break
-                lanes.update(taken)
-                members += await self._prepare(state.batch, list(taken))
-                if len(taken) < want or len(members) >= self.config.limits.batch_size:
-                    break
-            lane = min((lanes[m.user_id] for m in members), default=0)
-            await self.queue.set_members(state.batch, [m.user_id for m in members], lane)
-            if members:
-                self.log.bind(batch_id=state.batch.id, users=len(members), lane=("live", "backfill")[lane]).info(
-                    "batch created"
-                )
-            return members
-        members = await self._prepare(state.batch, state.batch.user_ids)
-        await self.queue.set_members(state.batch, [m.user_id for m in members], 0)
+    async def _form_then_acquire(self, state: _State, kind: str, attempt_no: int) -> tuple[Slot | None, list[Member]]:
+        """A fresh batch is formed just before its slot frees, so the slot is used on time (G2);
+        and one formed batch at most per process waits for a slot, so users of the live lane
+        never queue behind several formed backfill batches (G11)."""
+        async with self.forming:
+            state_now = await self.quota.state()
+            wait = max(state_now.next_free_in, state_now.paused_for or 0.0) - self.lead
+            if wait > 0:
+                await self._sleep(wait)  # raises Stopping on shutdown
+            members = await self._form(state)
+            assert state.batch is not None
+            if not members:
+                await self.queue.finish(state.batch, "done")
+                return None, []
+            slot = await self.quota.acquire(
+                kind=kind, batch_id=state.batch.id, attempt=attempt_no, users=len(members), stop=self.stop
+            )
+        if slot is None:
+            raise Stopping()
+        return slot, await self._refresh(state.batch, members)
+
+    async def _form(self, state: _State) -> list[Member]:
+        """A new batch of up to `batch_size` ready users (live lane first), topped up when
+        validation or deduplication leaves some out."""
+        state.batch = batch = await self.queue.new_batch()
+        members: list[Member] = []
+        lanes: dict[str, int] = {}
+        for _ in range(FORM_ROUNDS):
+            want = self.config.limits.batch_size - len(members)
+            taken = await self.queue.take_ready(batch, want)
+            if not taken:
+                break
+            lanes.update(taken)
+            members += await self._prepare(batch, list(taken))
+            if len(taken) < want or len(members) >= self.config.limits.batch_size:
+                break
+        lane = min((lanes[m.user_id] for m in members), default=0)
+        await self.queue.set_members(batch, [m.user_id for m in members], lane)
+        if members:
+            self.log.bind(batch_id=batch.id, users=len(members), lane=("live", "backfill")[lane]).info("batch created")
         return members
+
+    async def _refresh(self, batch: Batch, members: list[Member]) -> list[Member]:
+        """After waiting for the slot: users whose row changed meanwhile are read again."""
+        async with self.pool.acquire() as conn:
+            versions = await self.source.versions(conn, [m.user_id for m in members])
+        changed = {m.user_id for m in members if versions.get(m.user_id) != m.read_at}
+        if not changed:
+            return members
+        fresh = await self._prepare(batch, [m.user_id for m in members if m.user_id in changed])
+        kept = [m for m in members if m.user_id not in changed] + fresh
+        await self.queue.set_members(batch, [m.user_id for m in kept])
+        return kept
 
     async def _prepare(self, batch: Batch, user_ids: Sequence[str]) -> list[Member]:
         """Read the users now; invalid ones to failures, unchanged and missing ones out."""
@@ -183,6 +218,11 @@ class SyncUserBatch:
         """Send `members` on `slot`; splits on 413, sends the rest when the API names bad records."""
         batch = state.batch
         assert batch is not None
+        confirmed = await self.quota.confirm(slot)  # the ledger holds the real start, not the grant
+        if confirmed is None:  # a whole span passed while forming: this slot is stale
+            await self.quota.release(slot)
+            raise _SendAgain()
+        slot = confirmed
         outcome = await self.client.send([m.payload for m in members], batch_id=batch.id, attempt=attempt_no)
         await self.quota.record(
             slot,
@@ -213,15 +253,11 @@ class SyncUserBatch:
             return
         if kind is api.OutcomeKind.RATE_LIMITED:
             wait = min(outcome.retry_after or self.config.limits.window, MAX_PAUSE)
-            await self.quota.pause("rate_limited", wait, f"HTTP 429; retry in {wait:.1f} s")
-            log.bind(outcome="rate_limited", pause_s=wait).warning("API rate limit hit; all sending paused")
+            await self.quota.pause("rate_limited", wait, f"HTTP 429; retry in {wait:.1f} s")  # logs WARNING
             raise _SendAgain()
         if kind is api.OutcomeKind.UNAUTHORIZED:
-            await self.quota.pause(
+            await self.quota.pause(  # logs CRITICAL
                 "credentials", self.config.retry.backoff, f"HTTP {outcome.status}: API credentials refused"
-            )
-            log.bind(outcome="unauthorized", status=outcome.status).critical(
-                "API credentials refused; sending paused, probing every {} s", self.config.retry.backoff
             )
             raise _SendAgain()
         if slot.probe:  # the probe got an answer other than 401/403: credentials work again

@@ -25,6 +25,7 @@ SPAN = timedelta(seconds=LIMITS.span)
 SLACK = 0.5  # seconds of scheduling noise allowed on upper bounds
 
 MakeQuota = Callable[..., Awaitable[Quota]]
+Conn = asyncpg.Connection
 
 
 @pytest.fixture
@@ -66,7 +67,7 @@ async def fill(quota: Quota) -> list[Slot]:
     return slots  # type: ignore[return-value]
 
 
-async def test_concurrent_acquirers_share_one_quota(make_quota: MakeQuota, conn) -> None:
+async def test_concurrent_acquirers_share_one_quota(make_quota: MakeQuota, conn: Conn) -> None:
     """25 grants to 5 tasks: never more than 10 per span, yet the quota is used, not wasted."""
     quota = await make_quota()
     began = time.monotonic()
@@ -85,7 +86,7 @@ async def test_concurrent_acquirers_share_one_quota(make_quota: MakeQuota, conn)
     assert quota.granted == 25 and quota.waits >= 10 and quota.wait_seconds > 0
 
 
-async def test_two_replicas_share_the_ledger(make_quota: MakeQuota, conn) -> None:
+async def test_two_replicas_share_the_ledger(make_quota: MakeQuota, conn: Conn) -> None:
     """Two Quotas on two pools, 10 acquirers each, 30 grants: never more than 10 per span."""
     replicas = [await make_quota(worker="a"), await make_quota(worker="b")]
     tickets = list(range(30))
@@ -104,7 +105,7 @@ async def test_two_replicas_share_the_ledger(make_quota: MakeQuota, conn) -> Non
     assert rows[-1]["started_at"] - rows[0]["started_at"] >= 2 * SPAN
 
 
-async def test_restart_sees_the_ledger(make_quota: MakeQuota, conn) -> None:
+async def test_restart_sees_the_ledger(make_quota: MakeQuota, conn: Conn) -> None:
     """A fresh Quota after 10 grants in this span waits for the span to free: no empty bucket."""
     await fill(await make_quota())
     restarted = await make_quota()
@@ -117,7 +118,7 @@ async def test_restart_sees_the_ledger(make_quota: MakeQuota, conn) -> None:
     assert waited > LIMITS.span / 2 and restarted.waits == 1
 
 
-async def test_release_frees_the_slot_at_once(make_quota: MakeQuota, conn) -> None:
+async def test_release_frees_the_slot_at_once(make_quota: MakeQuota, conn: Conn) -> None:
     """release() deletes the ledger row, and the next acquire gets its slot without waiting."""
     quota = await make_quota()
     slots = await fill(quota)
@@ -129,14 +130,20 @@ async def test_release_frees_the_slot_at_once(make_quota: MakeQuota, conn) -> No
     assert slot is not None and slots[3].id not in ids and slot.id in ids and len(ids) == 10
 
 
-async def test_record_stores_the_outcome(make_quota: MakeQuota, conn) -> None:
+async def test_record_stores_the_outcome(make_quota: MakeQuota, conn: Conn) -> None:
     """record() fills the ledger row; a remaining count the ledger already allows adds nothing."""
     quota = await make_quota()
     slot = await quota.acquire(kind="send", batch_id=7, attempt=2, users=900)
     assert slot is not None
     await quota.record(
-        slot, status=202, outcome="done", duration_ms=12.5, request_id="req-1",
-        response_request_id="api-1", error=None, rate_limit_remaining=9,
+        slot,
+        status=202,
+        outcome="done",
+        duration_ms=12.5,
+        request_id="req-1",
+        response_request_id="api-1",
+        error=None,
+        rate_limit_remaining=9,
     )
     [row] = await ledger(conn)
     assert (row["batch_id"], row["attempt"], row["users"], row["worker"]) == (7, 2, 900, "w1")
@@ -144,15 +151,21 @@ async def test_record_stores_the_outcome(make_quota: MakeQuota, conn) -> None:
     assert (row["request_id"], row["response_request_id"], row["error"]) == ("req-1", "api-1", None)
 
 
-async def test_lower_remaining_from_the_api_wins(make_quota: MakeQuota, conn) -> None:
+async def test_lower_remaining_from_the_api_wins(make_quota: MakeQuota, conn: Conn) -> None:
     """X-RateLimit-Remaining 2 when the ledger allows 8: 2 more grants, then none until the span."""
     quota = await make_quota()
     first = await quota.acquire(kind="send")
     second = await quota.acquire(kind="send")
     assert first is not None and second is not None
     await quota.record(
-        second, status=202, outcome="done", duration_ms=5.0, request_id="r2",
-        response_request_id=None, error=None, rate_limit_remaining=2,
+        second,
+        status=202,
+        outcome="done",
+        duration_ms=5.0,
+        request_id="r2",
+        response_request_id=None,
+        error=None,
+        rate_limit_remaining=2,
     )
     assert len(await ledger(conn, "external")) == 6
     began = time.monotonic()
@@ -165,7 +178,7 @@ async def test_lower_remaining_from_the_api_wins(make_quota: MakeQuota, conn) ->
     assert len(await ledger(conn, "external")) == 6  # a second look adds nothing twice
 
 
-async def test_rate_limited_pause_holds_every_acquirer(make_quota: MakeQuota, conn) -> None:
+async def test_rate_limited_pause_holds_every_acquirer(make_quota: MakeQuota, conn: Conn) -> None:
     """pause('rate_limited', 0.5): acquire waits out the pause; state() reports it meanwhile."""
     quota = await make_quota()
     await quota.pause("rate_limited", 0.5, "429 Retry-After: 0.5")
@@ -183,8 +196,8 @@ async def test_rate_limited_pause_holds_every_acquirer(make_quota: MakeQuota, co
     assert (await quota.state()).paused is None
 
 
-async def test_credentials_pause_sends_one_probe(make_quota: MakeQuota, conn) -> None:
-    """pause('credentials', 0.3): after it, exactly one acquirer probes; the rest wait for resume."""
+async def test_credentials_pause_sends_one_probe(make_quota: MakeQuota, conn: Conn) -> None:
+    """pause('credentials', 0.3): then exactly one acquirer probes; the rest wait for resume."""
     quota = await make_quota(probe_every=5.0)
     await quota.pause("credentials", 0.3, "HTTP 401")
     waiting = [asyncio.ensure_future(quota.acquire(kind="send", batch_id=i)) for i in range(3)]
@@ -203,7 +216,7 @@ async def test_credentials_pause_sends_one_probe(make_quota: MakeQuota, conn) ->
     assert (await quota.state()).paused is None
 
 
-async def test_failed_probe_waits_for_the_next_period(make_quota: MakeQuota, conn) -> None:
+async def test_failed_probe_waits_for_the_next_period(make_quota: MakeQuota, conn: Conn) -> None:
     """A failed probe pauses again; a released probe lets the next acquirer probe at once."""
     quota = await make_quota(probe_every=5.0)
     await quota.pause("credentials", 0.0, "HTTP 403")
@@ -220,8 +233,8 @@ async def test_failed_probe_waits_for_the_next_period(make_quota: MakeQuota, con
 
 
 @pytest.mark.parametrize("where", ["limiter", "ledger"])
-async def test_stop_ends_a_wait_promptly(make_quota: MakeQuota, conn, where: str) -> None:
-    """With `stop` set while waiting (in-process limiter or ledger), acquire returns None at once."""
+async def test_stop_ends_a_wait_promptly(make_quota: MakeQuota, conn: Conn, where: str) -> None:
+    """`stop` set while waiting (in the limiter or on the ledger): acquire returns None at once."""
     quota = await make_quota()
     await fill(quota)
     waiter = quota if where == "limiter" else await make_quota()
@@ -248,7 +261,7 @@ async def test_state_reports_the_window(make_quota: MakeQuota) -> None:
     assert (state.paused, state.paused_for, state.pause_detail) == (None, None, None)
 
 
-async def test_prune_keeps_the_span(make_quota: MakeQuota, conn) -> None:
+async def test_prune_keeps_the_span(make_quota: MakeQuota, conn: Conn) -> None:
     """prune() deletes rows older than the retention, never one that still holds a slot."""
     quota = await make_quota()
     await conn.execute(
@@ -261,3 +274,22 @@ async def test_prune_keeps_the_span(make_quota: MakeQuota, conn) -> None:
     assert len(await ledger(conn)) == 2
     assert await quota.prune(0) == 1  # a zero retention still keeps the span
     assert len(await ledger(conn)) == 1
+
+
+async def test_lost_connections_are_waited_out(make_quota: MakeQuota, conn: Conn) -> None:
+    """The connection killed mid-grant (waiting for the ledger lock): acquire retries, gets it."""
+    quota = await make_quota()
+    lock = "hashtext('usersyncd.quota:' || $1)"
+    await conn.execute(f"SELECT pg_advisory_lock({lock})", SCHEMA)  # hold every grant back
+    task = asyncio.ensure_future(quota.acquire(kind="send"))
+    await asyncio.sleep(0.2)
+    killed = await conn.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        " AND wait_event_type = 'Lock'"
+    )
+    assert killed == 1 and not task.done()
+    await asyncio.sleep(0.3)
+    await conn.execute(f"SELECT pg_advisory_unlock({lock})", SCHEMA)
+    slot = await asyncio.wait_for(task, 5)
+    assert slot is not None and [row["id"] for row in await ledger(conn)] == [slot.id]

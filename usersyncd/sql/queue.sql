@@ -52,7 +52,7 @@ SELECT user_id, sent_hash FROM {schema}.sync_state WHERE user_id = ANY($1::text[
 
 -- set_members --
 -- The users the batch will carry (after dropping the unchanged, invalid and missing).
-UPDATE {schema}.batches SET user_ids = $2::text[], lane = $3 WHERE id = $1;
+UPDATE {schema}.batches SET user_ids = $2::text[], lane = coalesce($3, lane) WHERE id = $1;
 
 -- drop_users --
 -- Users leaving a batch unsent (unchanged, invalid, missing): they wait again only if the

@@ -91,3 +91,11 @@ WITH gone AS (
     RETURNING 1
 )
 SELECT count(*) FROM gone
+
+-- confirm_start --
+-- The request starts now: move its stamp to now, unless a span has passed since the grant
+-- (then later grants may have relied on the old stamp, and the slot is no longer good).
+UPDATE {schema}.requests
+SET started_at = clock_timestamp()
+WHERE id = $1 AND clock_timestamp() < started_at + make_interval(secs => $2)
+RETURNING started_at

@@ -1,0 +1,84 @@
+"""Quota benchmark (SPEC G1, G2): drain N users against the fake API with a compressed window.
+
+    python bench/quota.py [--users 100000] [--requests 10] [--window 3.0] [--runs 3]
+
+Prints per run and as medians: requests, violations (arrivals over the limit in a rolling
+window, counted by the fake API), max requests in any window / limit, users per request,
+quota utilisation and drain time / theoretical minimum. The minimum: with N requests and L per
+window, the last may start (ceil(N/L) - 1) * (window + margin) after the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import tempfile
+from pathlib import Path
+
+import asyncpg
+from common import database, median, run_daemon, seed_users, write_config
+
+from usersyncd.fakeapi import FakeApi
+
+
+async def one_run(users: int, requests: int, window: float) -> dict[str, float]:
+    margin = window * 0.01
+    async with database() as url:
+        conn = await asyncpg.connect(url)
+        await seed_users(conn, users)
+        await conn.close()
+        api = FakeApi(api_key="bench-key", limit_requests=requests, window=window)
+        await api.start()
+        tmp = Path(tempfile.mkdtemp(prefix="usersyncd-bench-"))
+        config = write_config(
+            tmp / "bench.toml", url, api.url,
+            limits={"requests": requests, "window": window, "margin": margin},
+            source={"poll_interval": 0.2},
+            retry={"backoff": window / 10},
+            log={"level": "INFO"},
+            api={"key": "bench-key"},
+        )
+        code = await run_daemon(config, timeout=600, log=tmp / "daemon.log")
+        await api.stop()
+    if code != 0:
+        raise SystemExit(f"daemon exited {code}; see {tmp / 'daemon.log'}")
+    ok = [r for r in api.requests if r.status == 202]
+    n = len(api.requests)
+    starts = sorted(r.arrived for r in api.requests)
+    elapsed = starts[-1] - starts[0]
+    minimum = (math.ceil(n / requests) - 1) * (window + margin)
+    sizes = [len(r.subscribers) for r in ok]
+    full = sum(1 for s in sizes if s == 1000)
+    # allowed over the run: L per span started, from the first start to the last
+    allowed = requests * (math.floor(elapsed / (window + margin)) + 1)
+    return {
+        "requests": n,
+        "violations": api.violations,
+        "max_in_window/limit": api.max_arrivals_in_any_window() / requests,
+        "users_per_request": sum(sizes) / max(len(sizes), 1),
+        "full_batches": full / max(len(sizes), 1),
+        "utilisation": n / allowed,
+        "drain_s": elapsed,
+        "minimum_s": minimum,
+        "drain/minimum": elapsed / minimum if minimum else float("nan"),
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--requests", type=int, default=10)
+    parser.add_argument("--window", type=float, default=3.0)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    results = []
+    for run in range(args.runs):
+        result = await one_run(args.users, args.requests, args.window)
+        results.append(result)
+        print(f"run {run + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()), flush=True)
+    print("median: " + ", ".join(f"{k} {median([r[k] for r in results]):.4g}" for k in results[0]))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
