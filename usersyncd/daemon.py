@@ -175,6 +175,7 @@ class Daemon:
                     client=self.client,
                     stop=self.stop,
                     forming=self.forming,
+                    metrics=self.metrics,
                 )
                 await job.run(await queue.claim_open_batch())
             except Stopping:

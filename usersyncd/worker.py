@@ -20,6 +20,7 @@ from loguru import logger
 from usersyncd import api, records
 from usersyncd.config import Config
 from usersyncd.errors import TransientDeliveryError, UserSyncError
+from usersyncd.metrics import Metrics
 from usersyncd.queue import Batch, Queue
 from usersyncd.quota import Quota, Slot
 from usersyncd.source import Source
@@ -59,9 +60,11 @@ class SyncUserBatch:
         client: api.ExternalUserApi,
         stop: asyncio.Event,
         forming: asyncio.Lock | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.forming = forming or asyncio.Lock()  # shared by the workers of one process
+        self.metrics = metrics or Metrics()
         self.lead = min(FORM_LEAD, config.limits.span / 10)
         self.pool = pool
         self.source = source
@@ -201,6 +204,7 @@ class SyncUserBatch:
                 await self.queue.record_failure(
                     "invalid", [user_id], result.reason, field=result.field, batch_id=batch.id
                 )
+                self.metrics.dead_lettered.labels(kind="invalid").inc()
                 self.log.bind(batch_id=batch.id, user_id=user_id, field=result.field).warning(
                     "invalid record dead-lettered: {}", result.reason
                 )
@@ -234,6 +238,7 @@ class SyncUserBatch:
             error=outcome.error,
             rate_limit_remaining=outcome.rate_limit_remaining,
         )
+        self.metrics.observe_request(outcome.kind.value, outcome.duration_ms)
         log = self.log.bind(
             batch_id=batch.id,
             attempt=f"{attempt_no}/{self.config.retry.attempts}",
@@ -245,6 +250,7 @@ class SyncUserBatch:
             if slot.probe:
                 await self.quota.resume("credentials")
             await self.queue.mark_sent(batch, [(m.user_id, m.hash, m.read_at) for m in members])
+            self.metrics.users_synced.inc(len(members))
             sent = {m.user_id for m in members}
             batch.user_ids = [u for u in batch.user_ids if u not in sent]
             if not batch.user_ids:
@@ -320,6 +326,7 @@ class SyncUserBatch:
             payload={"subscribers": [m.payload for m in members]},
         )
         await self.queue.drop_users(batch, {m.user_id: m.read_at for m in members})
+        self.metrics.dead_lettered.labels(kind=kind).inc(len(ids))
         gone = set(ids)
         batch.user_ids = [u for u in batch.user_ids if u not in gone]
         if not batch.user_ids:
@@ -364,6 +371,7 @@ class SyncUserBatch:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         wait = retry_state.next_action.sleep if retry_state.next_action else 0.0
         batch = self._state.batch if self._state else None
+        self.metrics.retries.inc()
         self.log.bind(
             batch_id=batch.id if batch else None,
             attempt=f"{batch.attempts if batch else retry_state.attempt_number}/{self.config.retry.attempts}",

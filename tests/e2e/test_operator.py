@@ -1,0 +1,144 @@
+"""What an operator sees: status, check, --dry-run, and the health/metrics endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from helpers import fast
+
+from usersyncd.fakeapi import FakeApi
+
+pytestmark = [pytest.mark.e2e, pytest.mark.db]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def usersyncd(*args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "usersyncd", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+async def test_health_readiness_and_metrics(
+    conn: asyncpg.Connection, database_url: str, fake_api: FakeApi, seed: Any, make_config: Callable[..., Path], spawn: Any
+) -> None:
+    """/healthz is up, /readyz follows the credentials pause, /metrics counts requests and users."""
+    await seed(conn, 3000)
+    port = free_port()
+    config = make_config(database_url, fake_api.url, **fast(http={"listen": f"127.0.0.1:{port}"}))
+    daemon = await spawn(config)
+    await fake_api.wait_for(lambda api: len(api.state) == 3000, timeout=30)
+    base = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=base, timeout=5) as client:
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 200
+        metrics = (await client.get("/metrics")).text
+        assert 'usersyncd_requests_total{outcome="ok"} 3.0' in metrics
+        assert "usersyncd_users_synced_total 3000.0" in metrics
+        assert "usersyncd_quota_limit 10.0" in metrics
+        assert 'usersyncd_paused{reason="credentials"} 0.0' in metrics
+
+        fake_api.api_key = "rotated"  # credentials stop working
+        await conn.execute("UPDATE users SET name = 'x', updated_at = clock_timestamp() WHERE id = 1")
+        for _ in range(100):
+            ready = await client.get("/readyz")
+            if ready.status_code == 503:
+                break
+            await asyncio.sleep(0.1)
+        assert ready.status_code == 503 and "credentials" in ready.text
+        assert 'usersyncd_paused{reason="credentials"} 1.0' in (await client.get("/metrics")).text
+        assert (await client.get("/healthz")).status_code == 200  # alive, just not ready
+
+        fake_api.api_key = "test-key"
+        await fake_api.wait_for(lambda api: api.state["user1@example.com"]["name"] == "x", timeout=15)
+        for _ in range(100):
+            if (await client.get("/readyz")).status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("never ready again after the credentials came back")
+    assert await daemon.stop() == 0
+
+
+async def test_status_reports_backlog_quota_and_workers(
+    conn: asyncpg.Connection, database_url: str, fake_api: FakeApi, seed: Any, make_config: Callable[..., Path], spawn: Any
+) -> None:
+    """`status --json` while a backlog drains: backlog, quota used/limit, next slot, ETA, a live process."""
+    await seed(conn, 40_000)
+    config = make_config(database_url, fake_api.url, **fast(limits={"requests": 5, "window": 4.0, "margin": 0.1}))
+    daemon = await spawn(config)
+    await fake_api.wait_for(lambda api: len(api.requests) >= 5, timeout=30)
+    result = await usersyncd("status", "--config", str(config), "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["quota_limit"] == 5
+    assert 1 <= status["quota_used"] <= 5
+    assert status["backlog"] >= 40_000 - 5_000 - 1000 * status["quota_used"]
+    assert status["drain_eta"] > 4.0  # more than a window of work is left
+    assert len(status["live_processes"]) == 1
+    assert set(status["cursors"]) == {"live", "backfill"}
+    text = await usersyncd("status", "--config", str(config))
+    assert "requests in the current 4 s window" in text.stdout and "drain ETA" in text.stdout
+    assert await daemon.stop() == 0
+
+
+async def test_check_names_what_is_wrong(
+    conn: asyncpg.Connection, database_url: str, fake_api: FakeApi, seed: Any, make_config: Callable[..., Path]
+) -> None:
+    """`check` passes on a good set-up; a missing table or column is one clear FAIL line and exit 1."""
+    await seed(conn, 10)
+    good = await usersyncd("check", "--config", str(make_config(database_url, fake_api.url)), "--api")
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "ok   index on (updated_at, id)" in good.stdout
+    assert len(fake_api.requests) == 1  # --api costs exactly one request
+
+    no_table = await usersyncd("check", "--config", str(make_config(database_url, fake_api.url, source={"table": "public.people"})))
+    assert no_table.returncode == 1
+    assert "FAIL source.table: table public.people does not exist" in no_table.stdout
+
+    no_column = await usersyncd(
+        "check", "--config", str(make_config(database_url, fake_api.url, source={"fields": {"email": "mail"}}))
+    )
+    assert no_column.returncode == 1
+    assert "source.fields.email: column 'mail' does not exist" in no_column.stdout
+    assert "Traceback" not in no_table.stderr + no_column.stderr
+
+
+async def test_run_with_missing_table_is_a_clear_error(
+    conn: asyncpg.Connection, database_url: str, fake_api: FakeApi, make_config: Callable[..., Path], spawn: Any
+) -> None:
+    """`run` against a database without the source table: exit 1, one line saying so."""
+    daemon = await spawn(make_config(database_url, fake_api.url))
+    assert await daemon.wait(timeout=30) == 1
+    assert "source.table: table public.users does not exist" in daemon.text()
+    assert "Traceback" not in daemon.text()
+
+
+async def test_dry_run_sends_nothing_and_changes_nothing(
+    conn: asyncpg.Connection, database_url: str, fake_api: FakeApi, seed: Any, make_config: Callable[..., Path], spawn: Any
+) -> None:
+    """--dry-run logs counts and a redacted sample; no request, no cursor, no staged user."""
+    await seed(conn, 2500, invalid_email_every=100)
+    daemon = await spawn(make_config(database_url, fake_api.url, **fast()), "run", "--dry-run")
+    assert await daemon.wait(timeout=60) == 0, daemon.text()[-2000:]
+    report = next(e for e in daemon.logs() if e.get("message", "").startswith("dry run"))
+    assert report["rows_read"] == 2500
+    assert report["users_to_send"] == 2475 and report["invalid"] == {"email": 25}
+    assert report["batches"] == 3
+    assert "@example.com" in report["sample"]["email"] and "user" not in report["sample"]["email"]
+    assert fake_api.requests == []
+    assert await conn.fetchval("SELECT to_regclass('usersync.cursors')") is None
