@@ -126,7 +126,12 @@ class Daemon:
         stopper = asyncio.create_task(self.stop.wait(), name="stop")
         done, _ = await asyncio.wait({*tasks, *workers, stopper}, return_when=asyncio.FIRST_COMPLETED)
         crashed = [t for t in done if t is not stopper and t.exception() is not None]
-        finished_early = [t for t in done if t is not stopper and t.exception() is None and t.get_name() != "once"]
+        # after a signal (or --once), idle workers and the poller return as the stopper does:
+        # only a task that returned while nobody asked to stop ended early
+        finished_early = [
+            t for t in done
+            if t is not stopper and t.exception() is None and t.get_name() != "once" and not self.stop.is_set()
+        ]
         for task in crashed:
             logger.opt(exception=task.exception()).bind(task=task.get_name()).critical(
                 "task crashed; stopping: {}", task.exception()

@@ -28,6 +28,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.InterfaceError,
+    # a connection that broke mid-protocol ("cannot switch to state …; another operation is in progress")
+    asyncpg.exceptions.InternalClientError,
     asyncio.TimeoutError,
 )
 

@@ -7,6 +7,7 @@ or `logger.contextualize(...)`; they become keys of the JSON object.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Iterable
 from datetime import UTC
@@ -84,4 +85,20 @@ def configure(
     logger.remove()
     # diagnose=False: a traceback must never print local variables (they may hold the key).
     logger.add(sink, level=level, format="{message}", backtrace=False, diagnose=False)
+    # Libraries (asyncpg, aiohttp) log through the standard library: one line each, in our format.
+    logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
     return redact
+
+
+class _InterceptHandler(logging.Handler):
+    """Standard-library records become loguru lines: the message and the error, no traceback."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            message = f"{message}: {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        logger.bind(library=record.name).log(level, message)

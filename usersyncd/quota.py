@@ -232,6 +232,10 @@ class Quota:
     ) -> None:
         """Store a request's result in its ledger row; believe the API's remaining count if lower.
 
+        The row is re-stamped now: the answer came, so the request has arrived, and the API counts
+        arrivals. Whatever delayed it between `confirm()` and the wire (a busy event loop, a new
+        connection) can then never let the next window start early.
+
         The API's `X-RateLimit-Remaining` describes the moment the request arrived, so it is
         compared with what the ledger held when the request started (requests started later may
         already be in flight). What the API counts beyond our own starts is another client's:
@@ -241,6 +245,10 @@ class Quota:
 
         async def store() -> int:
             async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(self._sql["lock_ledger"], self._schema)
+                held = None
+                if rate_limit_remaining is not None:  # counted before this row is re-stamped
+                    held = await conn.fetchrow(self._sql["ledger_at"], slot.started_at, self.span)
                 await conn.execute(
                     self._sql["record_result"],
                     slot.id,
@@ -250,11 +258,10 @@ class Quota:
                     request_id,
                     response_request_id,
                     error[:ERROR_MAX] if error else error,
+                    self.span,
                 )
-                if rate_limit_remaining is None:
+                if held is None or rate_limit_remaining is None:
                     return 0
-                await conn.execute(self._sql["lock_ledger"], self._schema)
-                held = await conn.fetchrow(self._sql["ledger_at"], slot.started_at, self.span)
                 theirs = self.limit - max(rate_limit_remaining, 0) - held["ours"]
                 missing = min(theirs - held["external"], self.limit)
                 if missing > 0:

@@ -26,7 +26,8 @@ from usersyncd.quota import Quota, Slot
 from usersyncd.source import Source
 
 FORM_LEAD = 0.5  # seconds before its slot frees that a fresh batch is formed
-FORM_ROUNDS = 10  # top-up rounds when validation or deduplication empties part of a batch
+FORM_ROUNDS = 10
+YIELD_EVERY = 100  # users validated between yields to the event loop  # top-up rounds when validation or deduplication empties part of a batch
 MAX_PAUSE = 24 * 3600.0  # seconds; a Retry-After beyond this is taken as this
 
 
@@ -194,7 +195,9 @@ class SyncUserBatch:
         hashes = await self.queue.sent_hashes(user_ids)
         members: list[Member] = []
         dropped: dict[str, datetime | None] = {}
-        for user_id in user_ids:
+        for n, user_id in enumerate(user_ids):
+            if n % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # validation is CPU work: let a request in flight go out
             row = rows.get(user_id)
             if row is None:  # deleted, or no longer passes the filter
                 dropped[user_id] = None

@@ -10,8 +10,12 @@ SELECT EXISTS (SELECT 1 FROM {schema}.sync_state WHERE dirty AND batch_id IS NUL
 
 -- claim_open_batch --
 -- Take a released batch that is due, or one whose worker vanished (lease expired).
+-- Its users are those sync_state still puts in it: a worker killed between taking users and
+-- recording them in user_ids (or after sending part of them) leaves user_ids stale, and a user
+-- whose sync_state points at a finished batch would wait forever.
 UPDATE {schema}.batches b
-SET status = 'claimed', claimed_by = $2, lease_until = clock_timestamp() + make_interval(secs => $3)
+SET status = 'claimed', claimed_by = $2, lease_until = clock_timestamp() + make_interval(secs => $3),
+    user_ids = ARRAY(SELECT s.user_id FROM {schema}.sync_state s WHERE s.batch_id = b.id ORDER BY s.user_id)
 WHERE b.id = (
     SELECT id FROM {schema}.batches
     WHERE queue = $1

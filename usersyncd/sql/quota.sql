@@ -53,10 +53,13 @@ SELECT 'external', $2 FROM generate_series(1, $1::integer)
 DELETE FROM {schema}.requests WHERE id = $1
 
 -- record_result --
--- What became of a request.
+-- What became of a request. Its stamp moves to now (the answer came, so it has arrived: the API
+-- counts arrivals), unless a span ($8 s) has passed since the stamp (see confirm_start).
 UPDATE {schema}.requests
 SET status = $2, outcome = $3, duration_ms = $4, request_id = $5, response_request_id = $6,
-    error = $7
+    error = $7,
+    started_at = CASE WHEN clock_timestamp() < started_at + make_interval(secs => $8)
+                      THEN clock_timestamp() ELSE started_at END
 WHERE id = $1
 
 -- ledger_at --
