@@ -25,6 +25,7 @@ from usersyncd.worker import Stopping, SyncUserBatch
 
 HEARTBEAT_EVERY = 5.0  # seconds, at most: lease renewal, process heartbeat, watchdog
 PRUNE_EVERY = 600.0  # seconds between deletions of what is older than the retention
+SCHEDULE_EVERY = 60.0  # seconds between schedule log lines (and systemd STATUS updates)
 
 
 def notify(message: str) -> None:
@@ -224,12 +225,17 @@ class Daemon:
         cfg = self.config
         every = min(HEARTBEAT_EVERY, cfg.queue.retry_after / 3)
         since_prune = PRUNE_EVERY
+        since_schedule = SCHEDULE_EVERY
         while not self.stop.is_set():
             await db.retrying(self._beat, what="heartbeat", stop=self.stop)
             since_prune += every
             if since_prune >= PRUNE_EVERY:
                 since_prune = 0.0
                 await db.retrying(self._prune, what="prune", stop=self.stop)
+            since_schedule += every
+            if since_schedule >= SCHEDULE_EVERY:
+                since_schedule = 0.0
+                await db.retrying(self._schedule, what="schedule", stop=self.stop)
             notify("WATCHDOG=1")
             await _wait_any(self.stop, timeout=every)
 
@@ -240,6 +246,25 @@ class Daemon:
             f"UPDATE {db.quote_ident(self.config.database.state_schema)}.processes"
             " SET heartbeat_at = clock_timestamp() WHERE id = $1",
             self.worker_id,
+        )
+
+    async def _schedule(self) -> None:
+        """Service-level schedule (SPEC §7): next slot, backlog, ETA; also systemd's STATUS line."""
+        assert self.pool is not None
+        snapshot = await status.collect(self.pool, self.config, count_unstaged=False)
+        logger.bind(
+            next_slot_in=round(snapshot.next_slot_in, 3),
+            backlog=snapshot.backlog,
+            live=snapshot.live_ready,
+            backfill=snapshot.backfill_ready,
+            in_batches=snapshot.in_batches,
+            quota_used=f"{snapshot.quota_used}/{snapshot.quota_limit}",
+            eta_s=round(snapshot.drain_eta, 1),
+            paused=snapshot.paused,
+        ).info("schedule")
+        notify(
+            f"STATUS=backlog {snapshot.backlog} users, quota {snapshot.quota_used}/{snapshot.quota_limit},"
+            f" ETA {snapshot.drain_eta:.0f} s" + (f", paused: {snapshot.paused}" if snapshot.paused else "")
         )
 
     async def _prune(self) -> None:

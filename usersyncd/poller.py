@@ -72,11 +72,13 @@ class UserSyncService:
         if result.staged:
             self.work_ready.set()
         cursors = await self.pool.fetch(self.sql["cursors"])
-        logger.bind(
+        entry = logger.bind(
             rows_read=result.read,
             users_staged=result.staged,
             cursor={r["lane"]: r["updated_at"].isoformat() if r["updated_at"] else None for r in cursors},
-        ).debug("poll")
+        )
+        # every poll is logged; at INFO when it found something to send
+        (entry.info if result.staged else entry.debug)("poll")
         self.last = result
         return result
 
