@@ -129,6 +129,14 @@ async def _unstaged(conn: asyncpg.Connection, config: Config, cursor: dict[str, 
     )
 
 
+async def live_process_count(pool: asyncpg.Pool, schema: str) -> int:
+    return await pool.fetchval(
+        f"SELECT count(*) FROM {db.quote_ident(schema)}.processes"
+        " WHERE heartbeat_at > clock_timestamp() - make_interval(secs => $1)",
+        LIVE_AFTER,
+    )
+
+
 def render_json(status: Status) -> str:
     data = asdict(status)
     data["backlog"] = status.backlog

@@ -120,18 +120,28 @@ UPDATE {schema}.batches SET lease_until = clock_timestamp() + make_interval(secs
 WHERE (claimed_by = $1 OR starts_with(claimed_by, $1 || '/')) AND status = 'claimed';
 
 -- record_failure --
--- Dead-letter users; an open failure of the same kind for the same single user is updated instead.
+-- Dead-letter users. An open failure of the same kind for the same single user is updated
+-- instead of a new one; a replayed failure of these users that fails again says so.
 WITH existing AS (
     UPDATE {schema}.failures
     SET error = $4, http_status = $5, attempts = attempts + $6, request_id = $7, batch_id = $8,
-        payload = $9, last_failed_at = clock_timestamp(), field = $3
+        payload = $9, last_failed_at = clock_timestamp(), field = $3,
+        replay_outcome = CASE WHEN replayed_at IS NOT NULL THEN 'failed again' ELSE replay_outcome END
     WHERE resolved_at IS NULL AND kind = $1 AND user_ids = $2::text[] AND cardinality($2::text[]) = 1
     RETURNING id
+), inserted AS (
+    INSERT INTO {schema}.failures (kind, user_ids, field, error, http_status, attempts, request_id, batch_id, payload)
+    SELECT $1, $2::text[], $3, $4, $5, $6, $7, $8, $9
+    WHERE NOT EXISTS (SELECT 1 FROM existing)
+    RETURNING id
+), superseded AS (
+    UPDATE {schema}.failures
+    SET replay_outcome = 'failed again: see failure ' || (SELECT id FROM inserted),
+        resolved_at = clock_timestamp(), resolution = 'replayed'
+    WHERE resolved_at IS NULL AND replayed_at IS NOT NULL AND replay_outcome IS NULL
+      AND user_ids && $2::text[] AND EXISTS (SELECT 1 FROM inserted)
 )
-INSERT INTO {schema}.failures (kind, user_ids, field, error, http_status, attempts, request_id, batch_id, payload)
-SELECT $1, $2::text[], $3, $4, $5, $6, $7, $8, $9
-WHERE NOT EXISTS (SELECT 1 FROM existing)
-RETURNING id;
+SELECT id FROM existing UNION ALL SELECT id FROM inserted;
 
 -- backlog --
 -- How much waits: ready users by lane, open batches, open failures.
