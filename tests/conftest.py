@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 
 from usersyncd import db
+from usersyncd.demo import seed_users
 
 TEST_DATABASE_ENV = "USERSYNCD_TEST_DATABASE_URL"
 
@@ -71,55 +72,6 @@ async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
         yield connection
     finally:
         await connection.close()
-
-
-SOURCE_DDL = """
-CREATE TABLE IF NOT EXISTS {table} (
-    id          bigint PRIMARY KEY,
-    email       text,
-    name        text,
-    time_zone   text,
-    updated_at  timestamptz NOT NULL DEFAULT clock_timestamp()
-);
-CREATE INDEX IF NOT EXISTS {index} ON {table} (updated_at, id);
-"""
-
-
-async def seed_users(
-    connection: asyncpg.Connection,
-    count: int,
-    *,
-    table: str = "users",
-    start_id: int = 1,
-    invalid_email_every: int = 0,
-    invalid_time_zone_every: int = 0,
-    updated_at: str = "clock_timestamp() - interval '1 day'",
-) -> None:
-    """Create the source table if needed and add `count` users in one statement.
-
-    Every `invalid_email_every`-th user has a malformed email and every
-    `invalid_time_zone_every`-th an unknown zone (0: none)."""
-    quoted = db.quote_ident(table)
-    await connection.execute(
-        SOURCE_DDL.format(table=quoted, index=db.quote_ident(f"{table}_updated_at_id"))
-    )
-    bad_email = f"i % {invalid_email_every} = 0" if invalid_email_every else "false"
-    bad_zone = f"i % {invalid_time_zone_every} = 0" if invalid_time_zone_every else "false"
-    await connection.execute(
-        f"""
-        INSERT INTO {quoted} (id, email, name, time_zone, updated_at)
-        SELECT i,
-               CASE WHEN {bad_email} THEN 'not-an-email-' || i ELSE 'user' || i || '@example.com' END,
-               'User ' || i,
-               CASE WHEN {bad_zone} THEN 'Mars/Olympus_Mons'
-                    ELSE (ARRAY['UTC', 'Europe/Paris', 'America/New_York', 'Asia/Tokyo'])[1 + i % 4]
-               END,
-               {updated_at}
-        FROM generate_series($1::bigint, $2::bigint) AS i
-        """,
-        start_id,
-        start_id + count - 1,
-    )
 
 
 @pytest.fixture

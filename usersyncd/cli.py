@@ -224,6 +224,12 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[ar
 }
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from usersyncd import demo
+
+    return asyncio.run(demo.run_demo(users=args.users))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="usersyncd",
@@ -237,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
         if add_options is not None:
             add_options(command)
         command.set_defaults(handler=handler)
+    demo_help = "the whole pipeline on an embedded PostgreSQL and a fake API, time compressed (about a minute)"
+    demo = sub.add_parser("demo", help=demo_help, description=demo_help)
+    demo.add_argument("--users", type=int, default=60_000, help="users to sync (default 60000)")
+    demo.set_defaults(handler=cmd_demo)
     return parser
 
 
