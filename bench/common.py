@@ -19,9 +19,10 @@ import asyncpg
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import seed_users, with_database, write_config  # noqa: E402
+from conftest import with_database, write_config  # noqa: E402
 
 from usersyncd import db  # noqa: E402
+from usersyncd.demo import seed_users  # noqa: E402
 
 
 @asynccontextmanager
