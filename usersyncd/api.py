@@ -58,6 +58,18 @@ class Outcome:
     rate_limit_remaining: int | None
     rejected_indices: tuple[int, ...] = ()  # for REJECTED; () means the whole batch
 
+    def ledger_fields(self) -> dict[str, object]:
+        """What the request ledger keeps of it (`Quota.record(slot, **outcome.ledger_fields())`)."""
+        return {
+            "status": self.status,
+            "outcome": self.kind.value,
+            "duration_ms": self.duration_ms,
+            "request_id": self.request_id,
+            "response_request_id": self.response_request_id,
+            "error": self.error,
+            "rate_limit_remaining": self.rate_limit_remaining,
+        }
+
 
 def classify(
     status: int | None, headers: Mapping[str, str], body: bytes, *, now: float | None = None

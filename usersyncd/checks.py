@@ -64,15 +64,7 @@ async def _probe_api(pool: asyncpg.Pool, config: Config, report) -> None:  # typ
     assert slot is not None
     async with api.ExternalUserApi(config.api) as client:
         outcome = await client.send([])
-    await quota.record(
-        slot,
-        status=outcome.status,
-        outcome=outcome.kind.value,
-        duration_ms=outcome.duration_ms,
-        request_id=outcome.request_id,
-        response_request_id=outcome.response_request_id,
-        error=outcome.error,
-    )
+    await quota.record(slot, **outcome.ledger_fields())
     reached = outcome.status is not None
     authorised = outcome.kind is not api.OutcomeKind.UNAUTHORIZED
     detail = f"HTTP {outcome.status}" if reached else outcome.error

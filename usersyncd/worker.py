@@ -231,16 +231,7 @@ class SyncUserBatch:
             raise _SendAgain()
         slot = confirmed
         outcome = await self.client.send([m.payload for m in members], batch_id=batch.id, attempt=attempt_no)
-        await self.quota.record(
-            slot,
-            status=outcome.status,
-            outcome=outcome.kind.value,
-            duration_ms=outcome.duration_ms,
-            request_id=outcome.request_id,
-            response_request_id=outcome.response_request_id,
-            error=outcome.error,
-            rate_limit_remaining=outcome.rate_limit_remaining,
-        )
+        await self.quota.record(slot, **outcome.ledger_fields())
         self.metrics.observe_request(outcome.kind.value, outcome.duration_ms)
         log = self.log.bind(
             batch_id=batch.id,
