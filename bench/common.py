@@ -53,8 +53,14 @@ async def database() -> AsyncIterator[str]:
 async def run_daemon(config: Path, *args: str, timeout: float, log: Path) -> int:
     with open(log, "wb") as out:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "usersyncd", *(args or ("run", "--once")), "--config", str(config),
-            stdout=out, stderr=out,
+            sys.executable,
+            "-m",
+            "usersyncd",
+            *(args or ("run", "--once")),
+            "--config",
+            str(config),
+            stdout=out,
+            stderr=out,
         )
         try:
             return await asyncio.wait_for(proc.wait(), timeout)
@@ -68,4 +74,4 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-__all__ = ["REPO", "database", "median", "run_daemon", "seed_users", "write_config", "Any"]
+__all__ = ["REPO", "Any", "database", "median", "run_daemon", "seed_users", "write_config"]

@@ -32,7 +32,9 @@ async def one_run(users: int, requests: int, window: float) -> dict[str, float]:
         await api.start()
         tmp = Path(tempfile.mkdtemp(prefix="usersyncd-bench-"))
         config = write_config(
-            tmp / "bench.toml", url, api.url,
+            tmp / "bench.toml",
+            url,
+            api.url,
             limits={"requests": requests, "window": window, "margin": margin},
             source={"poll_interval": 0.2},
             retry={"backoff": window / 10},
@@ -66,7 +68,9 @@ async def one_run(users: int, requests: int, window: float) -> dict[str, float]:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--requests", type=int, default=10)
     parser.add_argument("--window", type=float, default=3.0)

@@ -22,7 +22,9 @@ from usersyncd.config import Config
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
@@ -39,9 +41,14 @@ async def main() -> None:
             async with pool.acquire() as c:
                 await db.migrate(c, schema)
             config = Config.model_validate(
-                {"database": {"url": url, "state_schema": schema}, "api": {"url": "http://127.0.0.1:9"}}
+                {
+                    "database": {"url": url, "state_schema": schema},
+                    "api": {"url": "http://127.0.0.1:9"},
+                }
             )
-            service = poller.UserSyncService(config, pool, await source.inspect(conn, config.source), work_ready=asyncio.Event())
+            service = poller.UserSyncService(
+                config, pool, await source.inspect(conn, config.source), work_ready=asyncio.Event()
+            )
             service.lookahead = 10 * args.rows  # stage everything: measure the scan, not the limit
             await service.init_cursors()
             began = time.perf_counter()
@@ -54,12 +61,17 @@ async def main() -> None:
             elapsed = time.perf_counter() - began
             rates.append(staged / elapsed)
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            print(f"run {run + 1}: staged {staged:,} rows in {elapsed:.1f} s = {staged / elapsed:,.0f} rows/s;"
-                  f" peak RSS {peak_mb:.0f} MB", flush=True)
+            print(
+                f"run {run + 1}: staged {staged:,} rows in {elapsed:.1f} s = {staged / elapsed:,.0f} rows/s;"
+                f" peak RSS {peak_mb:.0f} MB",
+                flush=True,
+            )
             await conn.execute(f"DROP SCHEMA {db.quote_ident(schema)} CASCADE")
         await pool.close()
         await conn.close()
-    print(f"median: {median(rates):,.0f} rows/s staged; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print(
+        f"median: {median(rates):,.0f} rows/s staged; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

@@ -80,7 +80,9 @@ def seed() -> Callable[..., Any]:
     return seed_users
 
 
-def write_config(path: Path, database_url: str, api_url: str = "http://127.0.0.1:9", **sections: dict[str, Any]) -> Path:
+def write_config(
+    path: Path, database_url: str, api_url: str = "http://127.0.0.1:9", **sections: dict[str, Any]
+) -> Path:
     """A TOML config for tests; `sections` override or add keys, e.g. limits={"window": 2.0}."""
     base: dict[str, dict[str, Any]] = {
         "database": {"url": database_url},
@@ -117,7 +119,11 @@ def make_config(tmp_path: Path) -> Callable[..., Path]:
     """`make_config(database_url, api_url, limits={...})` writes a config file for this test."""
     counter = iter(range(1_000_000))
 
-    def make(database_url: str, api_url: str = "http://127.0.0.1:9", **sections: dict[str, Any]) -> Path:
-        return write_config(tmp_path / f"usersync-{next(counter)}.toml", database_url, api_url, **sections)
+    def make(
+        database_url: str, api_url: str = "http://127.0.0.1:9", **sections: dict[str, Any]
+    ) -> Path:
+        return write_config(
+            tmp_path / f"usersync-{next(counter)}.toml", database_url, api_url, **sections
+        )
 
     return make

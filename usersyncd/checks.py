@@ -31,7 +31,9 @@ async def check(config: Config, *, probe_api: bool = False) -> int:
             await _check_source(conn, config, report)
             version = await db.schema_version(conn, config.database.state_schema)
             if version is None:
-                print(f"note state schema {config.database.state_schema!r} not created yet (run creates it)")
+                print(
+                    f"note state schema {config.database.state_schema!r} not created yet (run creates it)"
+                )
             else:
                 report(True, f"state schema {config.database.state_schema!r} at version {version}")
         if probe_api:
@@ -59,7 +61,13 @@ async def _probe_api(pool: asyncpg.Pool, config: Config, report) -> None:  # typ
     """One real request (an empty batch), through the quota like any other."""
     async with pool.acquire() as conn:
         await db.migrate(conn, config.database.state_schema)
-    quota = Quota(pool, config.limits, config.database.state_schema, worker="check", credentials_probe_every=config.retry.backoff)
+    quota = Quota(
+        pool,
+        config.limits,
+        config.database.state_schema,
+        worker="check",
+        credentials_probe_every=config.retry.backoff,
+    )
     slot = await quota.acquire(kind="probe")
     assert slot is not None
     async with api.ExternalUserApi(config.api) as client:
@@ -68,5 +76,8 @@ async def _probe_api(pool: asyncpg.Pool, config: Config, report) -> None:  # typ
     reached = outcome.status is not None
     authorised = outcome.kind is not api.OutcomeKind.UNAUTHORIZED
     detail = f"HTTP {outcome.status}" if reached else outcome.error
-    report(reached and authorised, f"API {config.api.url}{config.api.batch_path}: {detail}"
-           + ("" if authorised else " (credentials refused)"))
+    report(
+        reached and authorised,
+        f"API {config.api.url}{config.api.batch_path}: {detail}"
+        + ("" if authorised else " (credentials refused)"),
+    )

@@ -9,8 +9,8 @@ import argparse
 import asyncio
 import re
 import sys
-from datetime import UTC, datetime, timedelta
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from usersyncd import __version__, config, db, log
@@ -20,7 +20,9 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", required=True, metavar="PATH", help="the TOML config file")
+    parser.add_argument(
+        "--config", "-c", required=True, metavar="PATH", help="the TOML config file"
+    )
     parser.add_argument(
         "--database-url", metavar="URL", help="overrides database.url and USERSYNCD_DATABASE_URL"
     )
@@ -112,7 +114,9 @@ def parse_since(text: str) -> datetime:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise ConfigError(f"--since {text}: expected an RFC 3339 time or an age like 30m, 2h, 7d") from None
+        raise ConfigError(
+            f"--since {text}: expected an RFC 3339 time or an age like 30m, 2h, 7d"
+        ) from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
@@ -120,7 +124,9 @@ def cmd_failed(args: argparse.Namespace) -> int:
     from usersyncd import failures
 
     cfg = load(args)
-    rows = asyncio.run(_with_pool(cfg, lambda pool: failures.list_open(pool, cfg.database.state_schema)))
+    rows = asyncio.run(
+        _with_pool(cfg, lambda pool: failures.list_open(pool, cfg.database.state_schema))
+    )
     print(failures.to_json(rows) if args.json else failures.render_failures(rows))
     return EXIT_OK
 
@@ -132,7 +138,10 @@ def cmd_forget_failed(args: argparse.Namespace) -> int:
     deleted, unknown = asyncio.run(
         _with_pool(cfg, lambda pool: failures.forget(pool, cfg.database.state_schema, args.ids))
     )
-    print(f"forgot {len(deleted)} failure(s)" + (f": {', '.join(map(str, deleted))}" if deleted else ""))
+    print(
+        f"forgot {len(deleted)} failure(s)"
+        + (f": {', '.join(map(str, deleted))}" if deleted else "")
+    )
     if unknown:
         print(f"usersyncd: no failure with id {', '.join(map(str, unknown))}", file=sys.stderr)
         return EXIT_FAILURE
@@ -149,20 +158,32 @@ def cmd_replay_failed(args: argparse.Namespace) -> int:
 
     async def act(pool: Any) -> tuple[Any, int]:
         result = await failures.replay(
-            pool, cfg.database.state_schema, ids=args.ids, since=since, all_open=args.all, dry_run=args.dry_run
+            pool,
+            cfg.database.state_schema,
+            ids=args.ids,
+            since=since,
+            all_open=args.all,
+            dry_run=args.dry_run,
         )
         live = await status.live_process_count(pool, cfg.database.state_schema)
         return result, live
 
     result, live = asyncio.run(_with_pool(cfg, act))
     verb = "would re-queue" if args.dry_run else "re-queued"
-    print(f"{verb} {result.users} user(s) from {len(result.failures)} failure(s)"
-          + (f": {', '.join(map(str, result.failures))}" if result.failures else ""))
+    print(
+        f"{verb} {result.users} user(s) from {len(result.failures)} failure(s)"
+        + (f": {', '.join(map(str, result.failures))}" if result.failures else "")
+    )
     if result.skipped:
-        print(f"not replayed (unknown, resolved, or already being replayed): {', '.join(map(str, result.skipped))}")
+        print(
+            f"not replayed (unknown, resolved, or already being replayed): {', '.join(map(str, result.skipped))}"
+        )
     if result.users and not args.dry_run:
-        print("they are sent with their current data through the quota by the running daemon" if live
-              else "no usersyncd process is running: they go out at the next `usersyncd run` (or `run --once`)")
+        print(
+            "they are sent with their current data through the quota by the running daemon"
+            if live
+            else "no usersyncd process is running: they go out at the next `usersyncd run` (or `run --once`)"
+        )
     return EXIT_OK
 
 
@@ -172,26 +193,54 @@ def cmd_history(args: argparse.Namespace) -> int:
     cfg = load(args)
     since = parse_since(args.since) if args.since else None
     rows = asyncio.run(
-        _with_pool(cfg, lambda pool: failures.history(pool, cfg.database.state_schema, since=since, limit=args.limit))
+        _with_pool(
+            cfg,
+            lambda pool: failures.history(
+                pool, cfg.database.state_schema, since=since, limit=args.limit
+            ),
+        )
     )
     print(failures.to_json(rows) if args.json else failures.render_history(rows))
     return EXIT_OK
 
 
 def _forget_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("ids", nargs="+", type=int, metavar="ID", help="failure ids (see `usersyncd failed`)")
+    parser.add_argument(
+        "ids", nargs="+", type=int, metavar="ID", help="failure ids (see `usersyncd failed`)"
+    )
 
 
 def _replay_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--id", dest="ids", action="append", type=int, default=[], metavar="N", help="a failure id (repeatable)")
-    parser.add_argument("--since", metavar="TIME", help="failures last seen since TIME (RFC 3339, or an age: 30m, 2h, 7d)")
+    parser.add_argument(
+        "--id",
+        dest="ids",
+        action="append",
+        type=int,
+        default=[],
+        metavar="N",
+        help="a failure id (repeatable)",
+    )
+    parser.add_argument(
+        "--since",
+        metavar="TIME",
+        help="failures last seen since TIME (RFC 3339, or an age: 30m, 2h, 7d)",
+    )
     parser.add_argument("--all", action="store_true", help="every open failure")
-    parser.add_argument("--dry-run", action="store_true", help="say what would be re-queued; change nothing")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="say what would be re-queued; change nothing"
+    )
 
 
 def _history_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--since", metavar="TIME", help="requests since TIME (RFC 3339, or an age: 30m, 2h, 7d)")
-    parser.add_argument("--limit", type=int, default=1000, help="at most this many rows (newest first; default 1000)")
+    parser.add_argument(
+        "--since", metavar="TIME", help="requests since TIME (RFC 3339, or an age: 30m, 2h, 7d)"
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=1000,
+        help="at most this many rows (newest first; default 1000)",
+    )
     _json_option(parser)
 
 
@@ -200,7 +249,9 @@ def _json_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--api", action="store_true", help="also probe the API (costs one request of the quota)")
+    parser.add_argument(
+        "--api", action="store_true", help="also probe the API (costs one request of the quota)"
+    )
 
 
 def _run_options(parser: argparse.ArgumentParser) -> None:
@@ -212,14 +263,35 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None] | None]] = {
+COMMANDS: dict[
+    str,
+    tuple[
+        Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None] | None
+    ],
+] = {
     "run": (cmd_run, "the daemon: poll, batch and send under the quota (foreground)", _run_options),
-    "replay-failed": (cmd_replay_failed, "re-queue dead-lettered users, to be sent with their current data", _replay_options),
+    "replay-failed": (
+        cmd_replay_failed,
+        "re-queue dead-lettered users, to be sent with their current data",
+        _replay_options,
+    ),
     "failed": (cmd_failed, "list open failures", _json_option),
-    "forget-failed": (cmd_forget_failed, "drop failures an operator has dealt with", _forget_options),
-    "history": (cmd_history, "the request log: time, batch, users, status, duration, request ids", _history_options),
+    "forget-failed": (
+        cmd_forget_failed,
+        "drop failures an operator has dealt with",
+        _forget_options,
+    ),
+    "history": (
+        cmd_history,
+        "the request log: time, batch, users, status, duration, request ids",
+        _history_options,
+    ),
     "status": (cmd_status, "backlog, queue, quota, failures, pause, live workers", _json_option),
-    "check": (cmd_check, "validate the config, the database, the source table and (--api) the API", _check_options),
+    "check": (
+        cmd_check,
+        "validate the config, the database, the source table and (--api) the API",
+        _check_options,
+    ),
     "migrate": (cmd_migrate, "create or upgrade usersyncd's own tables", None),
 }
 

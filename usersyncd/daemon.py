@@ -271,6 +271,11 @@ class Daemon:
         days = self.config.database.retention_days
         await self.queue.prune(days)
         await self.quota.prune(days)
+        assert self.pool is not None
+        await self.pool.execute(  # rows of processes that died without a goodbye
+            f"DELETE FROM {db.quote_ident(self.config.database.state_schema)}.processes"
+            " WHERE heartbeat_at < clock_timestamp() - make_interval(days => 1)"
+        )
 
     async def _register(self) -> None:
         assert self.pool is not None

@@ -66,7 +66,9 @@ def queries(name: str, schema: str) -> dict[str, str]:
             blocks[current] = ""
         elif current is not None:
             blocks[current] += line + "\n"
-    return {key: sql.strip().replace("{schema}", quote_ident(schema)) for key, sql in blocks.items()}
+    return {
+        key: sql.strip().replace("{schema}", quote_ident(schema)) for key, sql in blocks.items()
+    }
 
 
 async def create_pool(
@@ -86,9 +88,7 @@ async def create_pool(
         except CONNECTION_ERRORS as exc:
             if not retry_forever:
                 raise DatabaseError(f"cannot connect to {redact_dsn(url)}: {_why(exc)}") from exc
-            logger.bind(retry_in=delay).warning(
-                "database unreachable, retrying: {}", _why(exc)
-            )
+            logger.bind(retry_in=delay).warning("database unreachable, retrying: {}", _why(exc))
         except asyncpg.PostgresError as exc:
             raise DatabaseError(f"cannot connect to {redact_dsn(url)}: {_why(exc)}") from exc
         await asyncio.sleep(delay)
@@ -145,19 +145,25 @@ async def migrate(conn: asyncpg.Connection, schema: str) -> list[int]:
             " version integer PRIMARY KEY,"
             " applied_at timestamptz NOT NULL DEFAULT clock_timestamp())"
         )
-        done = {r["version"] for r in await conn.fetch(f"SELECT version FROM {name}.schema_version")}
+        done = {
+            r["version"] for r in await conn.fetch(f"SELECT version FROM {name}.schema_version")
+        }
         applied = []
         for version, sql in migration_files():
             if version in done:
                 continue
             async with conn.transaction():
                 await conn.execute(sql.replace("{schema}", name))
-                await conn.execute(f"INSERT INTO {name}.schema_version (version) VALUES ($1)", version)
+                await conn.execute(
+                    f"INSERT INTO {name}.schema_version (version) VALUES ($1)", version
+                )
             logger.bind(version=version, schema=schema).info("migration applied")
             applied.append(version)
         return applied
     finally:
-        await conn.execute("SELECT pg_advisory_unlock(hashtext('usersyncd.migrate:' || $1))", schema)
+        await conn.execute(
+            "SELECT pg_advisory_unlock(hashtext('usersyncd.migrate:' || $1))", schema
+        )
 
 
 async def schema_version(conn: asyncpg.Connection, schema: str) -> int | None:

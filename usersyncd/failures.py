@@ -30,7 +30,9 @@ async def list_open(pool: asyncpg.Pool, schema: str) -> list[dict[str, Any]]:
     return [dict(r) for r in await pool.fetch(sql["list_open"])]
 
 
-async def forget(pool: asyncpg.Pool, schema: str, ids: Sequence[int]) -> tuple[list[int], list[int]]:
+async def forget(
+    pool: asyncpg.Pool, schema: str, ids: Sequence[int]
+) -> tuple[list[int], list[int]]:
     """Delete these failures; returns (deleted ids, ids that did not exist)."""
     sql = db.queries("failures", schema)
     deleted = [r["id"] for r in await pool.fetch(sql["forget"], list(ids))]
@@ -62,7 +64,9 @@ async def replay(
     return ReplayResult(failures=sorted(claimed), users=len(users), skipped=skipped)
 
 
-async def history(pool: asyncpg.Pool, schema: str, *, since: datetime | None, limit: int) -> list[dict[str, Any]]:
+async def history(
+    pool: asyncpg.Pool, schema: str, *, since: datetime | None, limit: int
+) -> list[dict[str, Any]]:
     sql = db.queries("failures", schema)
     return [dict(r) for r in await pool.fetch(sql["history"], since, limit)]
 
@@ -74,12 +78,18 @@ def to_json(rows: list[dict[str, Any]]) -> str:
 def render_failures(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no open failures"
-    lines = [f"{'id':>6}  {'kind':9} {'users':>5}  {'status':>6}  {'att':>3}  {'last failed':19}  error"]
+    lines = [
+        f"{'id':>6}  {'kind':9} {'users':>5}  {'status':>6}  {'att':>3}  {'last failed':19}  error"
+    ]
     for r in rows:
         users = r["user_ids"]
         who = users[0] if len(users) == 1 else f"{len(users)}"
         error = (f"{r['field']}: " if r["field"] else "") + r["error"].replace("\n", " ")
-        replayed = f"  [replayed {r['replayed_at']:%Y-%m-%d %H:%M}: {r['replay_outcome'] or 'pending'}]" if r["replayed_at"] else ""
+        replayed = (
+            f"  [replayed {r['replayed_at']:%Y-%m-%d %H:%M}: {r['replay_outcome'] or 'pending'}]"
+            if r["replayed_at"]
+            else ""
+        )
         lines.append(
             f"{r['id']:>6}  {r['kind']:9} {who:>5}  {r['http_status'] or '':>6}  {r['attempts']:>3}"
             f"  {r['last_failed_at']:%Y-%m-%d %H:%M:%S}  {error[:100]}{replayed}"
@@ -90,7 +100,9 @@ def render_failures(rows: list[dict[str, Any]]) -> str:
 def render_history(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no requests in that period"
-    lines = [f"{'started':23}  {'kind':8} {'batch':>6} {'users':>5} {'status':>6}  {'outcome':12} {'ms':>8}  request id / API's id"]
+    lines = [
+        f"{'started':23}  {'kind':8} {'batch':>6} {'users':>5} {'status':>6}  {'outcome':12} {'ms':>8}  request id / API's id"
+    ]
     for r in rows:
         duration = f"{r['duration_ms']:.0f}" if r["duration_ms"] is not None else ""
         lines.append(

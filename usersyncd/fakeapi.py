@@ -223,7 +223,7 @@ class FakeApi:
     async def wait_for(
         self,
         predicate: Callable[[FakeApi], bool],
-        timeout: float,  # noqa: ASYNC109 -- the documented API; a plain poll loop
+        timeout: float,
         interval: float = 0.02,
     ) -> None:
         """Poll until predicate(self) is true; TimeoutError (with stats) after `timeout` s."""

@@ -3,8 +3,8 @@ at each scrape (so they agree with `usersyncd status`)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 - re-exported for http.py
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from usersyncd.status import Status
 
@@ -16,22 +16,49 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("usersyncd_requests", "Batch requests by outcome.", ["outcome"], registry=r)
-        self.users_synced = Counter("usersyncd_users_synced", "Users the API accepted.", registry=r)
-        self.dead_lettered = Counter("usersyncd_users_dead_lettered", "Users put in failures.", ["kind"], registry=r)
-        self.retries = Counter("usersyncd_retries", "Batch attempts that failed and will be retried.", registry=r)
-        self.request_duration = Histogram(
-            "usersyncd_request_duration_seconds", "Duration of batch requests.", buckets=DURATION_BUCKETS, registry=r
+        self.requests = Counter(
+            "usersyncd_requests", "Batch requests by outcome.", ["outcome"], registry=r
         )
-        self.quota_used = Gauge("usersyncd_quota_used", "Requests started in the current window.", registry=r)
-        self.quota_limit = Gauge("usersyncd_quota_limit", "Requests allowed per window.", registry=r)
-        self.quota_next_slot = Gauge("usersyncd_quota_next_slot_seconds", "Seconds until a slot frees.", registry=r)
-        self.quota_waits = Gauge("usersyncd_quota_waits", "Slot requests that had to wait (this process).", registry=r)
-        self.backlog = Gauge("usersyncd_backlog_users", "Users waiting to be sent, by lane.", ["lane"], registry=r)
-        self.queued_batches = Gauge("usersyncd_queued_batches", "Open batches (in flight or awaiting retry).", registry=r)
-        self.open_failures = Gauge("usersyncd_open_failures", "Open entries in the failures table.", registry=r)
-        self.paused = Gauge("usersyncd_paused", "1 while sending is paused, by reason.", ["reason"], registry=r)
-        self.up = Gauge("usersyncd_database_up", "1 when the last database read worked.", registry=r)
+        self.users_synced = Counter("usersyncd_users_synced", "Users the API accepted.", registry=r)
+        self.dead_lettered = Counter(
+            "usersyncd_users_dead_lettered", "Users put in failures.", ["kind"], registry=r
+        )
+        self.retries = Counter(
+            "usersyncd_retries", "Batch attempts that failed and will be retried.", registry=r
+        )
+        self.request_duration = Histogram(
+            "usersyncd_request_duration_seconds",
+            "Duration of batch requests.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.quota_used = Gauge(
+            "usersyncd_quota_used", "Requests started in the current window.", registry=r
+        )
+        self.quota_limit = Gauge(
+            "usersyncd_quota_limit", "Requests allowed per window.", registry=r
+        )
+        self.quota_next_slot = Gauge(
+            "usersyncd_quota_next_slot_seconds", "Seconds until a slot frees.", registry=r
+        )
+        self.quota_waits = Gauge(
+            "usersyncd_quota_waits", "Slot requests that had to wait (this process).", registry=r
+        )
+        self.backlog = Gauge(
+            "usersyncd_backlog_users", "Users waiting to be sent, by lane.", ["lane"], registry=r
+        )
+        self.queued_batches = Gauge(
+            "usersyncd_queued_batches", "Open batches (in flight or awaiting retry).", registry=r
+        )
+        self.open_failures = Gauge(
+            "usersyncd_open_failures", "Open entries in the failures table.", registry=r
+        )
+        self.paused = Gauge(
+            "usersyncd_paused", "1 while sending is paused, by reason.", ["reason"], registry=r
+        )
+        self.up = Gauge(
+            "usersyncd_database_up", "1 when the last database read worked.", registry=r
+        )
 
     def observe_request(self, outcome: str, duration_ms: float) -> None:
         self.requests.labels(outcome=outcome).inc()

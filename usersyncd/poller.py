@@ -34,7 +34,9 @@ class PollResult:
 
 
 class UserSyncService:
-    def __init__(self, config: Config, pool: asyncpg.Pool, source: Source, *, work_ready: asyncio.Event) -> None:
+    def __init__(
+        self, config: Config, pool: asyncpg.Pool, source: Source, *, work_ready: asyncio.Event
+    ) -> None:
         self.config = config
         self.pool = pool
         self.source = source
@@ -42,10 +44,12 @@ class UserSyncService:
         self.sql = db.queries("poller", config.database.state_schema)
         schema = config.database.state_schema
         self._live_sql = {
-            has_id: source.stage_page_sql(schema, has_cursor_id=has_id, bounded=False) for has_id in (False, True)
+            has_id: source.stage_page_sql(schema, has_cursor_id=has_id, bounded=False)
+            for has_id in (False, True)
         }
         self._backfill_sql = {
-            has_id: source.stage_page_sql(schema, has_cursor_id=has_id, bounded=True) for has_id in (False, True)
+            has_id: source.stage_page_sql(schema, has_cursor_id=has_id, bounded=True)
+            for has_id in (False, True)
         }
         # Staged but unsent backfill users, at most: two windows of quota.
         self.lookahead = 2 * config.limits.requests * config.limits.batch_size
@@ -59,10 +63,15 @@ class UserSyncService:
             now = await conn.fetchval("SELECT clock_timestamp()")
             backfill_from = BEGINNING if start_from == "beginning" else moment
             created = await conn.fetchval(
-                self.sql["init_cursors"], now, backfill_from, backfill_from is None or backfill_from >= now
+                self.sql["init_cursors"],
+                now,
+                backfill_from,
+                backfill_from is None or backfill_from >= now,
             )
         if created:
-            logger.bind(live_from=now.isoformat(), backfill_from=str(backfill_from)).info("cursors created")
+            logger.bind(live_from=now.isoformat(), backfill_from=str(backfill_from)).info(
+                "cursors created"
+            )
 
     async def poll_once(self) -> PollResult:
         result = PollResult()
@@ -75,7 +84,9 @@ class UserSyncService:
         entry = logger.bind(
             rows_read=result.read,
             users_staged=result.staged,
-            cursor={r["lane"]: r["updated_at"].isoformat() if r["updated_at"] else None for r in cursors},
+            cursor={
+                r["lane"]: r["updated_at"].isoformat() if r["updated_at"] else None for r in cursors
+            },
         )
         # every poll is logged; at INFO when it found something to send
         (entry.info if result.staged else entry.debug)("poll")
@@ -90,7 +101,9 @@ class UserSyncService:
         last_id: str | None = None
         while True:
             async with self.pool.acquire() as conn, conn.transaction():
-                page = await conn.fetchrow(self._live_sql[last_id is not None], start, last_id, PAGE_SIZE, LIVE)
+                page = await conn.fetchrow(
+                    self._live_sql[last_id is not None], start, last_id, PAGE_SIZE, LIVE
+                )
                 if page["read"]:
                     # never ahead of the database clock: a row stamped in the future would
                     # otherwise move the cursor past rows still to come
@@ -130,7 +143,9 @@ class UserSyncService:
             result.read += page["read"]
             result.staged += page["staged"]
             if finished:
-                logger.info("backfill finished: every row that existed at the first start is staged")
+                logger.info(
+                    "backfill finished: every row that existed at the first start is staged"
+                )
                 return True
 
     async def run(self, stop: asyncio.Event) -> None:

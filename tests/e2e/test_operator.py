@@ -29,12 +29,21 @@ def free_port() -> int:
 
 async def usersyncd(*args: str) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "usersyncd", *args], capture_output=True, text=True, timeout=120
+        subprocess.run,
+        [sys.executable, "-m", "usersyncd", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
 async def test_health_readiness_and_metrics(
-    conn: asyncpg.Connection, database_url: str, fake_api: FakeApi, seed: Any, make_config: Callable[..., Path], spawn: Any
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApi,
+    seed: Any,
+    make_config: Callable[..., Path],
+    spawn: Any,
 ) -> None:
     """/healthz is up, /readyz follows the credentials pause, /metrics counts requests and users."""
     await seed(conn, 3000)
@@ -53,7 +62,9 @@ async def test_health_readiness_and_metrics(
         assert 'usersyncd_paused{reason="credentials"} 0.0' in metrics
 
         fake_api.api_key = "rotated"  # credentials stop working
-        await conn.execute("UPDATE users SET name = 'x', updated_at = clock_timestamp() WHERE id = 1")
+        await conn.execute(
+            "UPDATE users SET name = 'x', updated_at = clock_timestamp() WHERE id = 1"
+        )
         for _ in range(100):
             ready = await client.get("/readyz")
             if ready.status_code == 503:
@@ -64,7 +75,9 @@ async def test_health_readiness_and_metrics(
         assert (await client.get("/healthz")).status_code == 200  # alive, just not ready
 
         fake_api.api_key = "test-key"
-        await fake_api.wait_for(lambda api: api.state["user1@example.com"]["name"] == "x", timeout=15)
+        await fake_api.wait_for(
+            lambda api: api.state["user1@example.com"]["name"] == "x", timeout=15
+        )
         for _ in range(100):
             if (await client.get("/readyz")).status_code == 200:
                 break
@@ -75,11 +88,18 @@ async def test_health_readiness_and_metrics(
 
 
 async def test_status_reports_backlog_quota_and_workers(
-    conn: asyncpg.Connection, database_url: str, fake_api: FakeApi, seed: Any, make_config: Callable[..., Path], spawn: Any
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApi,
+    seed: Any,
+    make_config: Callable[..., Path],
+    spawn: Any,
 ) -> None:
     """`status --json` while a backlog drains: backlog, quota used/limit, next slot, ETA, a live process."""
     await seed(conn, 40_000)
-    config = make_config(database_url, fake_api.url, **fast(limits={"requests": 5, "window": 4.0, "margin": 0.1}))
+    config = make_config(
+        database_url, fake_api.url, **fast(limits={"requests": 5, "window": 4.0, "margin": 0.1})
+    )
     daemon = await spawn(config)
     await fake_api.wait_for(lambda api: len(api.requests) >= 5, timeout=30)
     result = await usersyncd("status", "--config", str(config), "--json")
@@ -97,21 +117,33 @@ async def test_status_reports_backlog_quota_and_workers(
 
 
 async def test_check_names_what_is_wrong(
-    conn: asyncpg.Connection, database_url: str, fake_api: FakeApi, seed: Any, make_config: Callable[..., Path]
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApi,
+    seed: Any,
+    make_config: Callable[..., Path],
 ) -> None:
     """`check` passes on a good set-up; a missing table or column is one clear FAIL line and exit 1."""
     await seed(conn, 10)
-    good = await usersyncd("check", "--config", str(make_config(database_url, fake_api.url)), "--api")
+    good = await usersyncd(
+        "check", "--config", str(make_config(database_url, fake_api.url)), "--api"
+    )
     assert good.returncode == 0, good.stdout + good.stderr
     assert "ok   index on (updated_at, id)" in good.stdout
     assert len(fake_api.requests) == 1  # --api costs exactly one request
 
-    no_table = await usersyncd("check", "--config", str(make_config(database_url, fake_api.url, source={"table": "public.people"})))
+    no_table = await usersyncd(
+        "check",
+        "--config",
+        str(make_config(database_url, fake_api.url, source={"table": "public.people"})),
+    )
     assert no_table.returncode == 1
     assert "FAIL source.table: table public.people does not exist" in no_table.stdout
 
     no_column = await usersyncd(
-        "check", "--config", str(make_config(database_url, fake_api.url, source={"fields": {"email": "mail"}}))
+        "check",
+        "--config",
+        str(make_config(database_url, fake_api.url, source={"fields": {"email": "mail"}})),
     )
     assert no_column.returncode == 1
     assert "source.fields.email: column 'mail' does not exist" in no_column.stdout
@@ -119,7 +151,11 @@ async def test_check_names_what_is_wrong(
 
 
 async def test_run_with_missing_table_is_a_clear_error(
-    conn: asyncpg.Connection, database_url: str, fake_api: FakeApi, make_config: Callable[..., Path], spawn: Any
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApi,
+    make_config: Callable[..., Path],
+    spawn: Any,
 ) -> None:
     """`run` against a database without the source table: exit 1, one line saying so."""
     daemon = await spawn(make_config(database_url, fake_api.url))
@@ -129,7 +165,12 @@ async def test_run_with_missing_table_is_a_clear_error(
 
 
 async def test_dry_run_sends_nothing_and_changes_nothing(
-    conn: asyncpg.Connection, database_url: str, fake_api: FakeApi, seed: Any, make_config: Callable[..., Path], spawn: Any
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApi,
+    seed: Any,
+    make_config: Callable[..., Path],
+    spawn: Any,
 ) -> None:
     """--dry-run logs counts and a redacted sample; no request, no cursor, no staged user."""
     await seed(conn, 2500, invalid_email_every=100)

@@ -17,7 +17,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.db]
 
 
 async def test_drain_20000_users(
-    conn: asyncpg.Connection, database_url: str, fake_api: FakeApi, seed: Any, make_config: Callable[..., Path], spawn: Any
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApi,
+    seed: Any,
+    make_config: Callable[..., Path],
+    spawn: Any,
 ) -> None:
     """20,000 users drain with `run --once`: the API equals the table; invalid users are in failures."""
     await seed(conn, 20_000, invalid_email_every=97, invalid_time_zone_every=101)
@@ -37,7 +42,12 @@ async def test_drain_20000_users(
 
 
 async def test_changes_during_run_are_coalesced_and_noops_cost_nothing(
-    conn: asyncpg.Connection, database_url: str, fake_api: FakeApi, seed: Any, make_config: Callable[..., Path], spawn: Any
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApi,
+    seed: Any,
+    make_config: Callable[..., Path],
+    spawn: Any,
 ) -> None:
     """Updates while running arrive; 5 updates while waiting are sent once; an updated_at bump sends nothing."""
     await seed(conn, 200)
@@ -47,10 +57,14 @@ async def test_changes_during_run_are_coalesced_and_noops_cost_nothing(
 
     # a 429 pauses all sending for 1.5 s; user 7 changes 5 times meanwhile
     fake_api.script(429, headers={"Retry-After": "1.5"})
-    await conn.execute("UPDATE users SET name = 'trigger', updated_at = clock_timestamp() WHERE id = 1")
+    await conn.execute(
+        "UPDATE users SET name = 'trigger', updated_at = clock_timestamp() WHERE id = 1"
+    )
     await fake_api.wait_for(lambda api: any(r.status == 429 for r in api.requests), timeout=10)
     for n in range(5):
-        await conn.execute("UPDATE users SET name = $1, updated_at = clock_timestamp() WHERE id = 7", f"v{n}")
+        await conn.execute(
+            "UPDATE users SET name = $1, updated_at = clock_timestamp() WHERE id = 7", f"v{n}"
+        )
         await asyncio.sleep(0.05)
     await fake_api.wait_for(lambda api: api.state["user7@example.com"]["name"] == "v4", timeout=15)
     await asyncio.sleep(1.0)  # a few more polls: nothing else may go out for user 7
@@ -62,7 +76,9 @@ async def test_changes_during_run_are_coalesced_and_noops_cost_nothing(
     await conn.execute("UPDATE users SET updated_at = clock_timestamp() WHERE id = 9")
     bumped = await conn.fetchval("SELECT updated_at FROM users WHERE id = 9")
     for _ in range(100):
-        row = await conn.fetchrow("SELECT seen_updated_at, dirty, batch_id FROM usersync.sync_state WHERE user_id = '9'")
+        row = await conn.fetchrow(
+            "SELECT seen_updated_at, dirty, batch_id FROM usersync.sync_state WHERE user_id = '9'"
+        )
         if row["seen_updated_at"] == bumped and not row["dirty"] and row["batch_id"] is None:
             break
         await asyncio.sleep(0.1)
@@ -75,7 +91,12 @@ async def test_changes_during_run_are_coalesced_and_noops_cost_nothing(
 
 
 async def test_late_commit_within_lookback_arrives(
-    conn: asyncpg.Connection, database_url: str, fake_api: FakeApi, seed: Any, make_config: Callable[..., Path], spawn: Any
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApi,
+    seed: Any,
+    make_config: Callable[..., Path],
+    spawn: Any,
 ) -> None:
     """A transaction that commits after newer rows were synced, with an older updated_at, still arrives."""
     await seed(conn, 50)
@@ -86,16 +107,24 @@ async def test_late_commit_within_lookback_arrives(
     try:
         tx = late.transaction()
         await tx.start()
-        await late.execute("UPDATE users SET name = 'late', updated_at = clock_timestamp() WHERE id = 5")
+        await late.execute(
+            "UPDATE users SET name = 'late', updated_at = clock_timestamp() WHERE id = 5"
+        )
         await asyncio.sleep(0.6)  # longer than a poll
-        await conn.execute("UPDATE users SET name = 'newer', updated_at = clock_timestamp() WHERE id = 6")
-        await fake_api.wait_for(lambda api: api.state["user6@example.com"]["name"] == "newer", timeout=10)
+        await conn.execute(
+            "UPDATE users SET name = 'newer', updated_at = clock_timestamp() WHERE id = 6"
+        )
+        await fake_api.wait_for(
+            lambda api: api.state["user6@example.com"]["name"] == "newer", timeout=10
+        )
         cursor = await conn.fetchval("SELECT updated_at FROM usersync.cursors WHERE lane = 'live'")
         late_stamp = await late.fetchval("SELECT updated_at FROM users WHERE id = 5")
         assert late_stamp < cursor  # the cursor has passed the uncommitted row
         await tx.commit()
     finally:
         await late.close()
-    await fake_api.wait_for(lambda api: api.state["user5@example.com"]["name"] == "late", timeout=10)
+    await fake_api.wait_for(
+        lambda api: api.state["user5@example.com"]["name"] == "late", timeout=10
+    )
     assert await daemon.stop() == 0
     await wait_in_sync(conn, fake_api, timeout=5)

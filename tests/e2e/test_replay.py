@@ -21,7 +21,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.db]
 
 async def usersyncd(*args: str) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "usersyncd", *args], capture_output=True, text=True, timeout=120
+        subprocess.run,
+        [sys.executable, "-m", "usersyncd", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -37,7 +41,12 @@ async def open_failures(config: Path) -> list[dict[str, Any]]:
 
 
 async def test_invalid_records_are_dead_lettered_and_resolve_when_fixed(
-    conn: asyncpg.Connection, database_url: str, fake_api: FakeApi, seed: Any, make_config: Callable[..., Path], spawn: Any
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApi,
+    seed: Any,
+    make_config: Callable[..., Path],
+    spawn: Any,
 ) -> None:
     """Invalid users never reach the API; fixing a row resolves its failure by itself; a replay of a
     still-invalid user says it failed again."""
@@ -50,7 +59,9 @@ async def test_invalid_records_are_dead_lettered_and_resolve_when_fixed(
     assert not any(email.startswith("not-an-email") for email in fake_api.state)
     assert len(fake_api.state) == 95  # the rest of each batch was sent
 
-    await conn.execute("UPDATE users SET email = 'fixed20@example.com', updated_at = clock_timestamp() WHERE id = 20")
+    await conn.execute(
+        "UPDATE users SET email = 'fixed20@example.com', updated_at = clock_timestamp() WHERE id = 20"
+    )
     forty = next(f["id"] for f in failures if f["user_ids"] == ["40"])
     replay = await usersyncd("replay-failed", "--config", str(config), "--id", str(forty))
     assert replay.returncode == 0 and "re-queued 1 user(s) from 1 failure(s)" in replay.stdout
@@ -58,15 +69,29 @@ async def test_invalid_records_are_dead_lettered_and_resolve_when_fixed(
     await run_once(spawn, config)
 
     assert fake_api.state["fixed20@example.com"]["name"] == "User 20"
-    resolved = await conn.fetchrow("SELECT resolved_at, resolution FROM usersync.failures WHERE user_ids = '{20}'")
+    resolved = await conn.fetchrow(
+        "SELECT resolved_at, resolution FROM usersync.failures WHERE user_ids = '{20}'"
+    )
     assert resolved["resolved_at"] is not None and resolved["resolution"] == "synced"
-    again = await conn.fetchrow("SELECT resolved_at, replayed_at, replay_outcome FROM usersync.failures WHERE id = $1", forty)
-    assert again["resolved_at"] is None and again["replayed_at"] is not None and again["replay_outcome"] == "failed again"
+    again = await conn.fetchrow(
+        "SELECT resolved_at, replayed_at, replay_outcome FROM usersync.failures WHERE id = $1",
+        forty,
+    )
+    assert (
+        again["resolved_at"] is None
+        and again["replayed_at"] is not None
+        and again["replay_outcome"] == "failed again"
+    )
     await assert_in_sync(conn, fake_api)
 
 
 async def test_rejected_users_are_replayed_once_even_by_two_replays_at_once(
-    conn: asyncpg.Connection, database_url: str, fake_api: FakeApi, seed: Any, make_config: Callable[..., Path], spawn: Any
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApi,
+    seed: Any,
+    make_config: Callable[..., Path],
+    spawn: Any,
 ) -> None:
     """A 422 naming two records dead-letters those two; two concurrent replays re-queue them once;
     they are sent with their current data and the failures are marked synced."""
@@ -75,12 +100,18 @@ async def test_rejected_users_are_replayed_once_even_by_two_replays_at_once(
     config = make_config(database_url, fake_api.url, **fast())
     await run_once(spawn, config)
     failures = await open_failures(config)
-    assert len(failures) == 1 and failures[0]["kind"] == "rejected" and failures[0]["http_status"] == 422
+    assert (
+        len(failures) == 1
+        and failures[0]["kind"] == "rejected"
+        and failures[0]["http_status"] == 422
+    )
     assert sorted(failures[0]["user_ids"]) == ["7", "8"]
     assert len(fake_api.state) == 48
 
     fake_api.reject_emails = set()
-    await conn.execute("UPDATE users SET name = 'Seven, now' WHERE id = 7")  # changed, updated_at untouched
+    await conn.execute(
+        "UPDATE users SET name = 'Seven, now' WHERE id = 7"
+    )  # changed, updated_at untouched
     first, second = await asyncio.gather(
         usersyncd("replay-failed", "--config", str(config), "--all"),
         usersyncd("replay-failed", "--config", str(config), "--all"),
@@ -89,14 +120,27 @@ async def test_rejected_users_are_replayed_once_even_by_two_replays_at_once(
     assert counts == [0, 2]
     await run_once(spawn, config)
     assert fake_api.sends["user7@example.com"] == 1 and fake_api.sends["user8@example.com"] == 1
-    assert fake_api.state["user7@example.com"]["name"] == "Seven, now"  # current data, not the failed payload
-    row = await conn.fetchrow("SELECT resolution, replay_outcome, replayed_at FROM usersync.failures")
-    assert row["resolution"] == "synced" and row["replay_outcome"] == "synced" and row["replayed_at"] is not None
+    assert (
+        fake_api.state["user7@example.com"]["name"] == "Seven, now"
+    )  # current data, not the failed payload
+    row = await conn.fetchrow(
+        "SELECT resolution, replay_outcome, replayed_at FROM usersync.failures"
+    )
+    assert (
+        row["resolution"] == "synced"
+        and row["replay_outcome"] == "synced"
+        and row["replayed_at"] is not None
+    )
     assert await open_failures(config) == []
 
 
 async def test_forget_failed_and_history(
-    conn: asyncpg.Connection, database_url: str, fake_api: FakeApi, seed: Any, make_config: Callable[..., Path], spawn: Any
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApi,
+    seed: Any,
+    make_config: Callable[..., Path],
+    spawn: Any,
 ) -> None:
     """forget-failed drops what it is told (an unknown id is an error); history lists the requests."""
     await seed(conn, 30, invalid_time_zone_every=10)

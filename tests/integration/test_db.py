@@ -13,7 +13,16 @@ from usersyncd import cli, db
 
 pytestmark = pytest.mark.db
 
-STATE_TABLES = {"cursors", "sync_state", "batches", "requests", "failures", "pauses", "processes", "schema_version"}
+STATE_TABLES = {
+    "cursors",
+    "sync_state",
+    "batches",
+    "requests",
+    "failures",
+    "pauses",
+    "processes",
+    "schema_version",
+}
 
 
 async def tables(conn: asyncpg.Connection, schema: str) -> set[str]:
@@ -57,7 +66,9 @@ async def test_hostile_schema_name_is_quoted_not_executed(conn: asyncpg.Connecti
 def test_quote_ident() -> None:
     """Identifiers are double-quoted with inner quotes doubled; schema-qualified names too."""
     assert db.quote_ident('a"b') == '"a""b"'
-    assert db.qualified("public", 'users"; DROP TABLE x; --') == '"public"."users""; DROP TABLE x; --"'
+    assert (
+        db.qualified("public", 'users"; DROP TABLE x; --') == '"public"."users""; DROP TABLE x; --"'
+    )
     with pytest.raises(ValueError):
         db.quote_ident("")
 

@@ -37,7 +37,9 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     await p.close()
 
 
-async def test_hostile_table_name_is_quoted_not_executed(conn: asyncpg.Connection, seed: Any, database_url: str) -> None:
+async def test_hostile_table_name_is_quoted_not_executed(
+    conn: asyncpg.Connection, seed: Any, database_url: str
+) -> None:
     """A source table named like an injection is read as a table; the other table survives."""
     await conn.execute("CREATE TABLE x (id int)")
     await seed(conn, 10, table=HOSTILE)
@@ -69,12 +71,19 @@ async def test_backfill_pages_through_rows_sharing_one_updated_at(
     """12,000 rows with one updated_at: keyset on (updated_at, id) stages each exactly once."""
     await seed(conn, 12_000, updated_at="timestamptz '2026-01-01 00:00:00+00'")
     config = make_config(database_url, poll_interval=0.1)
-    service = poller.UserSyncService(config, pool, await source.inspect(conn, config.source), work_ready=asyncio.Event())
+    service = poller.UserSyncService(
+        config, pool, await source.inspect(conn, config.source), work_ready=asyncio.Event()
+    )
     service.lookahead = 100_000  # no lookahead limit in this test
     await service.init_cursors()
     result = await service.poll_once()
     assert result.staged == 12_000 and result.caught_up
-    assert await conn.fetchval("SELECT count(DISTINCT user_id) FROM usersync.sync_state WHERE lane = 1") == 12_000
+    assert (
+        await conn.fetchval(
+            "SELECT count(DISTINCT user_id) FROM usersync.sync_state WHERE lane = 1"
+        )
+        == 12_000
+    )
     again = await service.poll_once()
     assert again.staged == 0  # nothing new, nothing staged twice
 
@@ -85,7 +94,9 @@ async def test_backfill_stages_only_the_lookahead(
     """The backfill stages about two windows of quota ahead; the rest stays in the source table."""
     await seed(conn, 10_000)
     config = make_config(database_url)
-    service = poller.UserSyncService(config, pool, await source.inspect(conn, config.source), work_ready=asyncio.Event())
+    service = poller.UserSyncService(
+        config, pool, await source.inspect(conn, config.source), work_ready=asyncio.Event()
+    )
     assert service.lookahead == 2 * 2 * 1000
     await service.init_cursors()
     first = await service.poll_once()
@@ -103,16 +114,22 @@ async def test_live_lane_rescans_lookback_and_outranks_backfill(
     older updated_at (within lookback) is still found; an unchanged row is not staged again."""
     await seed(conn, 100)
     config = make_config(database_url, lookback=30.0)
-    service = poller.UserSyncService(config, pool, await source.inspect(conn, config.source), work_ready=asyncio.Event())
+    service = poller.UserSyncService(
+        config, pool, await source.inspect(conn, config.source), work_ready=asyncio.Event()
+    )
     await service.init_cursors()
     await service.poll_once()
-    await conn.execute("UPDATE users SET name = 'live', updated_at = clock_timestamp() WHERE id = 50")
+    await conn.execute(
+        "UPDATE users SET name = 'live', updated_at = clock_timestamp() WHERE id = 50"
+    )
     await service.poll_once()
     row = await conn.fetchrow("SELECT lane, dirty FROM usersync.sync_state WHERE user_id = '50'")
     assert row["lane"] == 0 and row["dirty"]
 
     await conn.execute("UPDATE usersync.sync_state SET dirty = false")
-    await conn.execute("UPDATE users SET updated_at = clock_timestamp() - interval '10 seconds' WHERE id = 60")
+    await conn.execute(
+        "UPDATE users SET updated_at = clock_timestamp() - interval '10 seconds' WHERE id = 60"
+    )
     result = await service.poll_once()
     assert result.staged == 1
     assert await conn.fetchval("SELECT dirty FROM usersync.sync_state WHERE user_id = '60'")

@@ -63,7 +63,9 @@ def test_environment_overrides_file_and_flags_override_environment(tmp_path: Pat
     assert config.api.url == "https://env.example.com"
     assert config.api.key.get_secret_value() == "env-key"
     assert config.database.url == "postgresql://env@db/app"
-    flagged = load_config(path, environ=environ, overrides={"database.url": "postgresql://flag@db/x"})
+    flagged = load_config(
+        path, environ=environ, overrides={"database.url": "postgresql://flag@db/x"}
+    )
     assert flagged.database.url == "postgresql://flag@db/x"
 
 
@@ -94,9 +96,19 @@ BAD_CASES = [
     ("unknown key", GOOD + "[limits]\nbatchsize = 10\n", "limits.batchsize", "unknown key"),
     ("unknown section", GOOD + "[limit]\nrequests = 10\n", "limit", "unknown key"),
     ("wrong type", GOOD + '[limits]\nrequests = "many"\n', "limits.requests", "integer"),
-    ("negative duration", GOOD + "[source]\npoll_interval = -1.0\n", "source.poll_interval", "greater than 0"),
+    (
+        "negative duration",
+        GOOD + "[source]\npoll_interval = -1.0\n",
+        "source.poll_interval",
+        "greater than 0",
+    ),
     ("batch too big", GOOD + "[limits]\nbatch_size = 5000\n", "limits.batch_size", "1000"),
-    ("requests < 1", GOOD + "[limits]\nrequests = 0\n", "limits.requests", "greater than or equal to 1"),
+    (
+        "requests < 1",
+        GOOD + "[limits]\nrequests = 0\n",
+        "limits.requests",
+        "greater than or equal to 1",
+    ),
     (
         "missing database url",
         '[api]\nurl = "https://api.example.com"\n',
@@ -110,14 +122,21 @@ BAD_CASES = [
         "not both",
     ),
     ("bad auth", GOOD.replace('key = "k-123"', 'key = "k"\nauth = "digest"'), "api.auth", "bearer"),
-    ("bad start_from", GOOD + '[source]\nstart_from = "yesterday"\n', "source.start_from", "RFC 3339"),
+    (
+        "bad start_from",
+        GOOD + '[source]\nstart_from = "yesterday"\n',
+        "source.start_from",
+        "RFC 3339",
+    ),
     ("bad log format", GOOD + '[log]\nformat = "xml"\n', "log.format", "json"),
     ("bad listen", GOOD + '[http]\nlisten = "nowhere"\n', "http.listen", "HOST:PORT"),
     ("no email field", GOOD + '[source]\nfields = { name = "name" }\n', "source.fields", "email"),
 ]
 
 
-@pytest.mark.parametrize(("case", "text", "key", "problem"), BAD_CASES, ids=[c[0] for c in BAD_CASES])
+@pytest.mark.parametrize(
+    ("case", "text", "key", "problem"), BAD_CASES, ids=[c[0] for c in BAD_CASES]
+)
 def test_bad_config_is_one_line_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, text: str, key: str, problem: str
 ) -> None:
