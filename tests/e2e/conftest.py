@@ -49,6 +49,11 @@ class DaemonProcess:
             if self.proc.returncode is not None:
                 self._log.close()
 
+    def close_log(self) -> None:
+        log = getattr(self, "_log", None)
+        if log is not None and not log.closed:
+            log.close()
+
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
@@ -111,3 +116,4 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         if process.proc is not None and process.proc.returncode is None:
             process.proc.kill()
             await process.proc.wait()
+        process.close_log()  # a test that failed before the process ended leaves it open

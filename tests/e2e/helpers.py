@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import time
 from typing import Any
 
 import asyncpg
@@ -35,12 +37,22 @@ async def expected_state(conn: asyncpg.Connection) -> tuple[dict[str, dict[str, 
     valid: dict[str, dict[str, Any]] = {}
     invalid: set[str] = set()
     for row in await conn.fetch("SELECT id::text AS id, email, name, time_zone FROM users"):
-        result = records.validate(row["id"], dict(row), FIELDS)
+        result = _validate(row["id"], row["email"], row["name"], row["time_zone"])
         if isinstance(result, records.Invalid):
             invalid.add(row["id"])
         else:
             valid[result["email"]] = result
     return valid, invalid
+
+
+@functools.cache
+def _validate(
+    user_id: str, email: str | None, name: str | None, time_zone: str | None
+) -> dict[str, Any] | records.Invalid:
+    """records.validate, remembered: the fake API shares the test's event loop, and validating
+    100,000 rows on every poll of wait_in_sync would starve it for seconds."""
+    row = {"id": user_id, "email": email, "name": name, "time_zone": time_zone}
+    return records.validate(user_id, row, FIELDS)
 
 
 async def open_failure_users(conn: asyncpg.Connection) -> set[str]:
@@ -62,10 +74,47 @@ async def wait_in_sync(conn: asyncpg.Connection, api: FakeApi, timeout: float) -
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
+        began = loop.time()
         try:
             await assert_in_sync(conn, api)
             return
         except AssertionError:
             if loop.time() > deadline:
                 raise
-        await asyncio.sleep(0.1)
+        # comparing a big table takes a while, on the loop the fake API runs on: leave it most
+        await asyncio.sleep(max(0.1, 2 * (loop.time() - began)))
+
+
+class Completions:
+    """When each request to the fake ended (its handler returned), to find overlapping requests.
+
+    The fake records arrivals only; this wraps its per-request handler to note the end too.
+    """
+
+    def __init__(self, api: FakeApi) -> None:
+        self.api = api
+        self.ended: dict[int, float] = {}  # id(RecordedRequest) -> time.monotonic()
+        original = api._answer
+
+        async def answer(request: Any, rec: Any, *args: Any) -> Any:
+            try:
+                return await original(request, rec, *args)
+            finally:
+                self.ended[id(rec)] = time.monotonic()
+
+        api._answer = answer  # type: ignore[method-assign]
+
+    def overlaps(self) -> list[tuple[int, int, list[str]]]:
+        """(i, j, shared emails) for every two requests that carried a user while both were open."""
+        reqs = self.api.requests  # in arrival order
+        found = []
+        for i, first in enumerate(reqs):
+            end = self.ended.get(id(first), float("inf"))
+            emails = set(first.emails)
+            for j in range(i + 1, len(reqs)):
+                if reqs[j].arrived >= end:
+                    break
+                shared = emails.intersection(reqs[j].emails)
+                if shared:
+                    found.append((i, j, sorted(shared)[:3]))
+        return found
