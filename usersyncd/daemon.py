@@ -88,7 +88,10 @@ class Daemon:
             )
             self.work_ready = asyncio.Event()
             self.forming = asyncio.Lock()
-            self.poller = UserSyncService(cfg, pool, self.source, work_ready=self.work_ready)
+            self.live_ready = asyncio.Event()
+            self.poller = UserSyncService(
+                cfg, pool, self.source, work_ready=self.work_ready, live_ready=self.live_ready
+            )
             self.metrics = Metrics()
             health = None
             if cfg.http.address is not None:
@@ -182,6 +185,7 @@ class Daemon:
                     stop=self.stop,
                     forming=self.forming,
                     metrics=self.metrics,
+                    live_ready=self.live_ready,
                 )
                 await job.run(await queue.claim_open_batch())
             except Stopping:

@@ -30,17 +30,25 @@ LIVE, BACKFILL = 0, 1
 class PollResult:
     read: int = 0
     staged: int = 0
+    live_staged: int = 0  # of which in the live lane
     caught_up: bool = False  # the live lane reached the end and the backfill is done
 
 
 class UserSyncService:
     def __init__(
-        self, config: Config, pool: asyncpg.Pool, source: Source, *, work_ready: asyncio.Event
+        self,
+        config: Config,
+        pool: asyncpg.Pool,
+        source: Source,
+        *,
+        work_ready: asyncio.Event,
+        live_ready: asyncio.Event | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
         self.source = source
         self.work_ready = work_ready
+        self.live_ready = live_ready  # set when live users are staged: they need not wait the pace
         self.sql = db.queries("poller", config.database.state_schema)
         schema = config.database.state_schema
         self._live_sql = {
@@ -80,6 +88,8 @@ class UserSyncService:
         result.caught_up = live_done and backfill_done
         if result.staged:
             self.work_ready.set()
+        if result.live_staged and self.live_ready is not None:
+            self.live_ready.set()
         cursors = await self.pool.fetch(self.sql["cursors"])
         entry = logger.bind(
             rows_read=result.read,
@@ -110,6 +120,7 @@ class UserSyncService:
                     await conn.execute(self.sql["advance_live"], page["last_updated_at"])
             result.read += page["read"]
             result.staged += page["staged"]
+            result.live_staged += page["staged"]
             if page["read"] < PAGE_SIZE:
                 return True
             start, last_id = page["last_updated_at"], page["last_id"]

@@ -22,6 +22,7 @@ class Batch:
     id: int
     user_ids: list[str]
     attempts: int = 0  # attempts already spent (persisted: survives a restart)
+    lane: int = 0  # 0 live (or replay), 1 backfill: only backfill is paced
     reclaimed: bool = False  # taken from the queue again (released, or its worker vanished)
 
 
@@ -46,6 +47,9 @@ class Queue:
     async def has_work(self) -> bool:
         return bool(await self.pool.fetchval(self.sql["has_work"], self.name))
 
+    async def has_live_ready(self) -> bool:
+        return bool(await self.pool.fetchval(self.sql["has_live_ready"]))
+
     async def claim_open_batch(self) -> Batch | None:
         """A released or abandoned batch, if one is due."""
         row = await self.pool.fetchrow(
@@ -53,7 +57,7 @@ class Queue:
         )
         if row is None:
             return None
-        return Batch(row["id"], list(row["user_ids"]), row["attempts"], reclaimed=True)
+        return Batch(row["id"], list(row["user_ids"]), row["attempts"], lane=row["lane"], reclaimed=True)
 
     async def new_batch(self) -> Batch:
         batch_id = await self.pool.fetchval(

@@ -55,6 +55,26 @@ def grant_delay(starts: Sequence[float], now: float, limit: int, span: float) ->
     return delay
 
 
+def pace_delay(grants: Sequence[float], now: float, limit: int, span: float) -> float:
+    """Seconds from `now` until a paced request may start: one slot (`span / limit`) after the
+    latest grant. Backfill is paced so that it never spends a window's quota in a burst and
+    leaves a live change waiting for the window to turn (G11); at the same rate, it uses the
+    whole quota (G2)."""
+    if not grants:
+        return 0.0
+    return max(0.0, max(grants) + span / limit - now)
+
+
+def pace_place(last: float | None, limit: int, span: float) -> float:
+    """Where a paced grant made now stands in the pace, relative to now (<= 0): one slot after the
+    previous one, so that a grant a little late (a sleep, a transaction) does not push every later
+    one back; after a pause of more than a quarter slot, the pace starts again from about now."""
+    slot = span / limit
+    if last is None:
+        return 0.0
+    return min(0.0, max(last + slot, -slot / 4))
+
+
 @dataclass(frozen=True)
 class Slot:
     """A granted request start: its ledger row."""
@@ -73,6 +93,7 @@ class QuotaState:
     window: float
     used: int  # starts within the last span
     next_free_in: float  # seconds until a slot frees (0: one is free now); pauses aside
+    next_paced_in: float  # seconds until a paced (backfill) request may start; pauses aside
     paused: str | None  # 'rate_limited' | 'credentials' | None
     paused_for: float | None  # seconds left of the pause (0: a credentials probe is due)
     pause_detail: str | None
@@ -132,8 +153,11 @@ class Quota:
         attempt: int | None = None,
         users: int | None = None,
         stop: asyncio.Event | None = None,
+        paced: bool = False,
     ) -> Slot | None:
-        """Wait for a slot and take it (one ledger row); None if `stop` is set first."""
+        """Wait for a slot and take it (one ledger row); None if `stop` is set first.
+
+        `paced`: also wait one slot (`span / requests`) after the latest start (backfill)."""
         if kind not in KINDS:
             raise ValueError(f"unknown request kind {kind!r}")
         loop = asyncio.get_running_loop()
@@ -148,7 +172,7 @@ class Quota:
                 return None
             while not (stop is not None and stop.is_set()):
                 wakeup = self._wakeup_event()  # before the look, so no wake-up is missed
-                look = functools.partial(self._try_grant, kind, batch_id, attempt, users)
+                look = functools.partial(self._try_grant, kind, batch_id, attempt, users, paced)
                 decision = await db.retrying(look, what="quota.acquire", stop=stop)
                 if isinstance(decision, Slot):
                     token = False  # spent on this start
@@ -232,9 +256,10 @@ class Quota:
     ) -> None:
         """Store a request's result in its ledger row; believe the API's remaining count if lower.
 
-        The row is re-stamped now: the answer came, so the request has arrived, and the API counts
-        arrivals. Whatever delayed it between `confirm()` and the wire (a busy event loop, a new
-        connection) can then never let the next window start early.
+        The API counts arrivals, and a request has arrived by the time its answer comes: the row's
+        stamp moves to no earlier than `margin` before the answer. Whatever delayed the request
+        between `confirm()` and the wire (a busy event loop, a new connection) is then covered by
+        the margin, and a request that was quick costs nothing.
 
         The API's `X-RateLimit-Remaining` describes the moment the request arrived, so it is
         compared with what the ledger held when the request started (requests started later may
@@ -259,6 +284,7 @@ class Quota:
                     response_request_id,
                     error[:ERROR_MAX] if error else error,
                     self.span,
+                    self.limits.margin,
                 )
                 if held is None or rate_limit_remaining is None:
                     return 0
@@ -316,14 +342,15 @@ class Quota:
     async def state(self) -> QuotaState:
         """Used slots, the next free one and the pause, as the database sees them now."""
 
-        async def read() -> tuple[list[float], list[asyncpg.Record]]:
+        async def read() -> tuple[list[float], float | None, list[asyncpg.Record]]:
             async with self._pool.acquire() as conn, conn.transaction(readonly=True):
                 now, starts = await conn.fetchrow(
                     self._sql["ledger_window"], self.span + LEDGER_READ_SLACK
                 )
-                return starts, await conn.fetch(self._sql["pauses"], now)
+                last = await conn.fetchval(self._sql["last_grant"], now, self.span)
+                return starts, last, await conn.fetch(self._sql["pauses"], now)
 
-        starts, pauses = await db.retrying(read, what="quota.state")
+        starts, last_grant, pauses = await db.retrying(read, what="quota.state")
         by_reason = {row["reason"]: row for row in pauses}
         current = by_reason.get("credentials")  # paused until a probe works, even between probes
         rate_limited = by_reason.get("rate_limited")
@@ -334,6 +361,10 @@ class Quota:
             window=self.limits.window,
             used=sum(1 for start in starts if start + self.span > 0),
             next_free_in=grant_delay(starts, 0.0, self.limit, self.span),
+            next_paced_in=max(
+                grant_delay(starts, 0.0, self.limit, self.span),
+                pace_delay([] if last_grant is None else [last_grant], 0.0, self.limit, self.span),
+            ),
             paused=current["reason"] if current else None,
             paused_for=max(current["remaining"] or 0.0, 0.0) if current else None,
             pause_detail=current["detail"] if current else None,
@@ -353,7 +384,7 @@ class Quota:
         return pruned
 
     async def _try_grant(
-        self, kind: str, batch_id: int | None, attempt: int | None, users: int | None
+        self, kind: str, batch_id: int | None, attempt: int | None, users: int | None, paced: bool = False
     ) -> Slot | _Wait:
         """One transaction under the lock: a slot now, or how long to wait for one."""
         async with self._pool.acquire() as conn, conn.transaction():
@@ -369,6 +400,11 @@ class Quota:
                 await conn.execute(self._sql["end_rate_limit"], now)
                 logger.info("rate-limit pause over")
             delay = max(pause_left, grant_delay(starts, 0.0, self.limit, self.span))
+            place = None  # a paced grant's place in the pace, relative to now
+            if paced:
+                last = await conn.fetchval(self._sql["last_grant"], now, self.span)
+                delay = max(delay, pace_delay([] if last is None else [last], 0.0, self.limit, self.span))
+                place = pace_place(last, self.limit, self.span)
             if delay > 0:
                 paused = next((r["reason"] for r in pauses if (r["remaining"] or 0) > 0), None)
                 return _Wait(delay, used, paused)
@@ -376,7 +412,7 @@ class Quota:
             if probe:  # the pause is due for a probe: this request is it, the next one later
                 await conn.execute(self._sql["schedule_probe"], self._probe_every)
             row = await conn.fetchrow(
-                self._sql["insert_start"], kind, batch_id, attempt, users, self._worker
+                self._sql["insert_start"], kind, batch_id, attempt, users, self._worker, place
             )
         if probe:
             logger.bind(slot=row["id"], kind=kind, batch_id=batch_id).info(

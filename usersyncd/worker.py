@@ -25,6 +25,7 @@ from usersyncd.queue import Batch, Queue
 from usersyncd.quota import Quota, Slot
 from usersyncd.source import Source
 
+LIVE = 0  # sync_state.lane of changes since the first start, and of replays
 FORM_LEAD = 0.5  # seconds before its slot frees that a fresh batch is formed
 FORM_ROUNDS = 10
 YIELD_EVERY = 100  # users validated between yields to the event loop  # top-up rounds when validation or deduplication empties part of a batch
@@ -62,10 +63,12 @@ class SyncUserBatch:
         stop: asyncio.Event,
         forming: asyncio.Lock | None = None,
         metrics: Metrics | None = None,
+        live_ready: asyncio.Event | None = None,
     ) -> None:
         self.config = config
         self.forming = forming or asyncio.Lock()  # shared by the workers of one process
         self.metrics = metrics or Metrics()
+        self.live_ready = live_ready or asyncio.Event()  # the poller staged live users
         self.lead = min(FORM_LEAD, config.limits.span / 10)
         self.pool = pool
         self.source = source
@@ -118,7 +121,9 @@ class SyncUserBatch:
             if slot is None:
                 return
         else:
-            slot = await self.quota.acquire(kind=kind, batch_id=state.batch.id, attempt=attempt_no, stop=self.stop)
+            slot = await self.quota.acquire(
+                kind=kind, batch_id=state.batch.id, attempt=attempt_no, stop=self.stop, paced=state.batch.lane != LIVE
+            )
             if slot is None:
                 raise Stopping()
             members = await self._prepare(state.batch, state.batch.user_ids)
@@ -139,17 +144,27 @@ class SyncUserBatch:
         and one formed batch at most per process waits for a slot, so users of the live lane
         never queue behind several formed backfill batches (G11)."""
         async with self.forming:
+            # paced: a backfill batch goes one slot after the last start; a live user staged
+            # meanwhile still makes it into this batch, formed at the end of the wait
             state_now = await self.quota.state()
-            wait = max(state_now.next_free_in, state_now.paused_for or 0.0) - self.lead
-            if wait > 0:
-                await self._sleep(wait)  # raises Stopping on shutdown
+            wait = max(state_now.next_paced_in, state_now.paused_for or 0.0) - self.lead
+            if wait > 0 and await self._live_came(wait):  # raises Stopping on shutdown
+                # live users need not wait for the pace: a free slot, if any, is theirs now
+                free_in = (await self.quota.state()).next_free_in - self.lead
+                if free_in > 0:
+                    await self._sleep(free_in)
             members = await self._form(state)
             assert state.batch is not None
             if not members:
                 await self.queue.finish(state.batch, "done")
                 return None, []
             slot = await self.quota.acquire(
-                kind=kind, batch_id=state.batch.id, attempt=attempt_no, users=len(members), stop=self.stop
+                kind=kind,
+                batch_id=state.batch.id,
+                attempt=attempt_no,
+                users=len(members),
+                stop=self.stop,
+                paced=state.batch.lane != LIVE,  # live users may use any free slot at once
             )
         if slot is None:
             raise Stopping()
@@ -170,7 +185,8 @@ class SyncUserBatch:
             members += await self._prepare(batch, list(taken))
             if len(taken) < want or len(members) >= self.config.limits.batch_size:
                 break
-        lane = min((lanes[m.user_id] for m in members), default=0)
+        lane = min((lanes[m.user_id] for m in members), default=LIVE)
+        batch.lane = lane
         await self.queue.set_members(batch, [m.user_id for m in members], lane)
         if members:
             self.log.bind(batch_id=batch.id, users=len(members), lane=("live", "backfill")[lane]).info("batch created")
@@ -352,6 +368,21 @@ class SyncUserBatch:
         if exc is not None and isinstance(exc.__cause__, _OutcomeError):
             retry_after = exc.__cause__.outcome.retry_after
         return retry_delay(self.config.retry.backoff, retry_after)
+
+    async def _live_came(self, seconds: float) -> bool:
+        """Wait `seconds`, or less if live users are waiting or the poller stages some (True then)."""
+        self.live_ready.clear()  # before looking: a poll staging after the look sets it again
+        if await self.queue.has_live_ready():
+            return True
+        waiters = {asyncio.ensure_future(self.stop.wait()), asyncio.ensure_future(self.live_ready.wait())}
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        if self.stop.is_set():
+            raise Stopping()
+        return self.live_ready.is_set()
 
     async def _sleep(self, seconds: float) -> None:
         """Wait between attempts on the event loop; a shutdown interrupts it."""

@@ -321,11 +321,6 @@ async def test_live_changes_overtake_a_backfill(
     assert await daemon.stop() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="G11: a backlog goes out in bursts of `limits.requests` a window, so a live change"
-    " can wait most of a window (about an hour in production), not one slot (window / requests)",
-)
 async def test_live_change_waits_one_slot_not_a_window(
     conn: asyncpg.Connection,
     database_url: str,

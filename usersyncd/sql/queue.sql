@@ -8,6 +8,10 @@ SELECT EXISTS (SELECT 1 FROM {schema}.sync_state WHERE dirty AND batch_id IS NUL
                WHERE queue = $1 AND ((status = 'pending' AND coalesce(not_before, '-infinity') <= clock_timestamp())
                                   OR (status = 'claimed' AND lease_until < clock_timestamp())));
 
+-- has_live_ready --
+-- Is a user of the live lane waiting? (they are not held to the backfill's pace)
+SELECT EXISTS (SELECT 1 FROM {schema}.sync_state WHERE dirty AND batch_id IS NULL AND lane = 0);
+
 -- claim_open_batch --
 -- Take a released batch that is due, or one whose worker vanished (lease expired).
 -- Its users are those sync_state still puts in it: a worker killed between taking users and

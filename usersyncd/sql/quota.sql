@@ -14,6 +14,12 @@ SELECT c.now,
              ORDER BY r.started_at) AS starts
 FROM (SELECT clock_timestamp() AS now) AS c
 
+-- last_grant --
+-- The latest grant within the last $2 seconds before the moment $1, in seconds relative to it (<= 0).
+SELECT extract(epoch FROM max(granted_at) - $1::timestamptz)::float8
+FROM {schema}.requests
+WHERE granted_at > $1::timestamptz - make_interval(secs => $2)
+
 -- pauses --
 -- Every pause, with the seconds left of it at the moment $1 (zero, negative or NULL: over).
 SELECT reason, extract(epoch FROM until_at - $1::timestamptz)::float8 AS remaining, detail
@@ -38,9 +44,10 @@ SET until_at = clock_timestamp()
 WHERE reason = 'credentials' AND until_at > clock_timestamp()
 
 -- insert_start --
--- Take a slot: one ledger row per request start, stamped with the database clock.
-INSERT INTO {schema}.requests (kind, batch_id, attempt, users, worker)
-VALUES ($1, $2, $3, $4, $5)
+-- Take a slot: one ledger row per request start, stamped with the database clock; a paced grant
+-- records its place in the pace ($6 seconds from now, <= 0; NULL: now).
+INSERT INTO {schema}.requests (kind, batch_id, attempt, users, worker, granted_at)
+VALUES ($1, $2, $3, $4, $5, clock_timestamp() + make_interval(secs => coalesce($6, 0)))
 RETURNING id, started_at
 
 -- insert_external --
@@ -53,13 +60,15 @@ SELECT 'external', $2 FROM generate_series(1, $1::integer)
 DELETE FROM {schema}.requests WHERE id = $1
 
 -- record_result --
--- What became of a request. Its stamp moves to now (the answer came, so it has arrived: the API
--- counts arrivals), unless a span ($8 s) has passed since the stamp (see confirm_start).
+-- What became of a request. The API counts arrivals, and the request arrived before its answer:
+-- its stamp moves to no earlier than the margin ($9 s) before now, so that the margin covers any
+-- delay between the stamp and the arrival; not once a span ($8 s) has passed (see confirm_start).
 UPDATE {schema}.requests
 SET status = $2, outcome = $3, duration_ms = $4, request_id = $5, response_request_id = $6,
     error = $7,
     started_at = CASE WHEN clock_timestamp() < started_at + make_interval(secs => $8)
-                      THEN clock_timestamp() ELSE started_at END
+                      THEN greatest(started_at, clock_timestamp() - make_interval(secs => $9))
+                      ELSE started_at END
 WHERE id = $1
 
 -- ledger_at --
