@@ -213,7 +213,7 @@ def _report(
     window: float,
 ) -> int:
     ok = [r for r in api.requests if r.status == 202]
-    minimum = (math.ceil(len(api.requests) / requests) - 1) * window * 1.01
+    minimum = (len(api.requests) - 1) * window / requests  # at full quota: `requests` per window
     starts = sorted(r.arrived for r in api.requests)
     drain = starts[-1] - starts[0] if starts else 0.0
     lines = [
