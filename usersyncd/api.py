@@ -174,10 +174,7 @@ class ExternalUserApi:
 
     def __repr__(self) -> str:
         config = self._config
-        return (
-            f"ExternalUserApi(url={config.url!r}, batch_path={config.batch_path!r},"
-            f" auth={config.auth!r})"
-        )
+        return f"ExternalUserApi(url={config.url!r}, batch_path={config.batch_path!r}, auth={config.auth!r})"
 
     def _outcome(
         self, response: httpx.Response, content: bytes, request_id: str, started: float, users: int
@@ -232,9 +229,7 @@ class ExternalUserApi:
             text = text.replace(secret, REDACTED)
         return text
 
-    def _log(
-        self, outcome: Outcome, *, batch_id: int | None, attempt: int | None, users: int
-    ) -> None:
+    def _log(self, outcome: Outcome, *, batch_id: int | None, attempt: int | None, users: int) -> None:
         fields: dict[str, Any] = {
             "method": "POST",
             "path": self._config.batch_path,

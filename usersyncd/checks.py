@@ -31,9 +31,7 @@ async def check(config: Config, *, probe_api: bool = False) -> int:
             await _check_source(conn, config, report)
             version = await db.schema_version(conn, config.database.state_schema)
             if version is None:
-                print(
-                    f"note state schema {config.database.state_schema!r} not created yet (run creates it)"
-                )
+                print(f"note state schema {config.database.state_schema!r} not created yet (run creates it)")
             else:
                 report(True, f"state schema {config.database.state_schema!r} at version {version}")
         if probe_api:

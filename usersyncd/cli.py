@@ -20,9 +20,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", "-c", required=True, metavar="PATH", help="the TOML config file"
-    )
+    parser.add_argument("--config", "-c", required=True, metavar="PATH", help="the TOML config file")
     parser.add_argument(
         "--database-url", metavar="URL", help="overrides database.url and USERSYNCD_DATABASE_URL"
     )
@@ -114,9 +112,7 @@ def parse_since(text: str) -> datetime:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise ConfigError(
-            f"--since {text}: expected an RFC 3339 time or an age like 30m, 2h, 7d"
-        ) from None
+        raise ConfigError(f"--since {text}: expected an RFC 3339 time or an age like 30m, 2h, 7d") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
@@ -124,9 +120,7 @@ def cmd_failed(args: argparse.Namespace) -> int:
     from usersyncd import failures
 
     cfg = load(args)
-    rows = asyncio.run(
-        _with_pool(cfg, lambda pool: failures.list_open(pool, cfg.database.state_schema))
-    )
+    rows = asyncio.run(_with_pool(cfg, lambda pool: failures.list_open(pool, cfg.database.state_schema)))
     print(failures.to_json(rows) if args.json else failures.render_failures(rows))
     return EXIT_OK
 
@@ -138,10 +132,7 @@ def cmd_forget_failed(args: argparse.Namespace) -> int:
     deleted, unknown = asyncio.run(
         _with_pool(cfg, lambda pool: failures.forget(pool, cfg.database.state_schema, args.ids))
     )
-    print(
-        f"forgot {len(deleted)} failure(s)"
-        + (f": {', '.join(map(str, deleted))}" if deleted else "")
-    )
+    print(f"forgot {len(deleted)} failure(s)" + (f": {', '.join(map(str, deleted))}" if deleted else ""))
     if unknown:
         print(f"usersyncd: no failure with id {', '.join(map(str, unknown))}", file=sys.stderr)
         return EXIT_FAILURE
@@ -195,9 +186,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     rows = asyncio.run(
         _with_pool(
             cfg,
-            lambda pool: failures.history(
-                pool, cfg.database.state_schema, since=since, limit=args.limit
-            ),
+            lambda pool: failures.history(pool, cfg.database.state_schema, since=since, limit=args.limit),
         )
     )
     print(failures.to_json(rows) if args.json else failures.render_history(rows))
@@ -205,9 +194,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def _forget_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "ids", nargs="+", type=int, metavar="ID", help="failure ids (see `usersyncd failed`)"
-    )
+    parser.add_argument("ids", nargs="+", type=int, metavar="ID", help="failure ids (see `usersyncd failed`)")
 
 
 def _replay_options(parser: argparse.ArgumentParser) -> None:
@@ -226,9 +213,7 @@ def _replay_options(parser: argparse.ArgumentParser) -> None:
         help="failures last seen since TIME (RFC 3339, or an age: 30m, 2h, 7d)",
     )
     parser.add_argument("--all", action="store_true", help="every open failure")
-    parser.add_argument(
-        "--dry-run", action="store_true", help="say what would be re-queued; change nothing"
-    )
+    parser.add_argument("--dry-run", action="store_true", help="say what would be re-queued; change nothing")
 
 
 def _history_options(parser: argparse.ArgumentParser) -> None:
@@ -265,9 +250,7 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
 
 COMMANDS: dict[
     str,
-    tuple[
-        Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None] | None
-    ],
+    tuple[Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None] | None],
 ] = {
     "run": (cmd_run, "the daemon: poll, batch and send under the quota (foreground)", _run_options),
     "replay-failed": (
@@ -315,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
         if add_options is not None:
             add_options(command)
         command.set_defaults(handler=handler)
-    demo_help = "the whole pipeline on an embedded PostgreSQL and a fake API, time compressed (about a minute)"
+    demo_help = (
+        "the whole pipeline on an embedded PostgreSQL and a fake API, time compressed (about a minute)"
+    )
     demo = sub.add_parser("demo", help=demo_help, description=demo_help)
     demo.add_argument("--users", type=int, default=60_000, help="users to sync (default 60000)")
     demo.set_defaults(handler=cmd_demo)

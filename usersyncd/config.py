@@ -148,9 +148,7 @@ class ApiConfig(_Section):
         """The API key, or a ConfigError saying where to put it."""
         key = self.key.get_secret_value()
         if not key:
-            raise ConfigError(
-                "api.key: required to talk to the API (or api.key_file, or USER_API_KEY)"
-            )
+            raise ConfigError("api.key: required to talk to the API (or api.key_file, or USER_API_KEY)")
         return key
 
 

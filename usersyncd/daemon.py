@@ -49,7 +49,9 @@ class Daemon:
 
     config: Config
     once: bool = False
-    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
+    worker_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    )
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     busy: int = 0  # workers holding a batch right now
     ready: bool = False
@@ -58,9 +60,9 @@ class Daemon:
     async def run(self) -> int:
         cfg = self.config
         self._install_signals()
-        logger.bind(version=__version__, worker=self.worker_id, database=db.redact_dsn(cfg.database.url)).info(
-            "usersyncd starting"
-        )
+        logger.bind(
+            version=__version__, worker=self.worker_id, database=db.redact_dsn(cfg.database.url)
+        ).info("usersyncd starting")
         self.pool = pool = await db.create_pool(
             cfg.database.url, min_size=1, max_size=cfg.queue.concurrency + 4, retry_forever=True
         )
@@ -84,7 +86,11 @@ class Daemon:
                 credentials_probe_every=cfg.retry.backoff,
             )
             self.queue = Queue(
-                pool, cfg.database.state_schema, cfg.queue.name, worker=self.worker_id, lease=cfg.queue.retry_after
+                pool,
+                cfg.database.state_schema,
+                cfg.queue.name,
+                worker=self.worker_id,
+                lease=cfg.queue.retry_after,
             )
             self.work_ready = asyncio.Event()
             self.forming = asyncio.Lock()
@@ -95,11 +101,15 @@ class Daemon:
             self.metrics = Metrics()
             health = None
             if cfg.http.address is not None:
-                health = HealthServer(self.metrics, ready=self._not_ready_because, refresh=self._refresh_metrics)
+                health = HealthServer(
+                    self.metrics, ready=self._not_ready_because, refresh=self._refresh_metrics
+                )
                 try:
                     await health.start(*cfg.http.address)
                 except OSError as exc:
-                    raise UserSyncError(f"http.listen: cannot listen on {cfg.http.listen}: {exc.strerror or exc}") from None
+                    raise UserSyncError(
+                        f"http.listen: cannot listen on {cfg.http.listen}: {exc.strerror or exc}"
+                    ) from None
             try:
                 return await self._supervise()
             finally:
@@ -133,8 +143,12 @@ class Daemon:
         # after a signal (or --once), idle workers and the poller return as the stopper does:
         # only a task that returned while nobody asked to stop ended early
         finished_early = [
-            t for t in done
-            if t is not stopper and t.exception() is None and t.get_name() != "once" and not self.stop.is_set()
+            t
+            for t in done
+            if t is not stopper
+            and t.exception() is None
+            and t.get_name() != "once"
+            and not self.stop.is_set()
         ]
         for task in crashed:
             logger.opt(exception=task.exception()).bind(task=task.get_name()).critical(
@@ -165,7 +179,11 @@ class Daemon:
         assert self.pool is not None
         # Each worker claims under its own name, so it can give back exactly its own batch.
         queue = Queue(
-            self.pool, cfg.database.state_schema, cfg.queue.name, worker=f"{self.worker_id}/w{n}", lease=cfg.queue.retry_after
+            self.pool,
+            cfg.database.state_schema,
+            cfg.queue.name,
+            worker=f"{self.worker_id}/w{n}",
+            lease=cfg.queue.retry_after,
         )
         while not self.stop.is_set():
             has_work = await db.retrying(queue.has_work, what="check work", stop=self.stop)

@@ -66,9 +66,7 @@ def queries(name: str, schema: str) -> dict[str, str]:
             blocks[current] = ""
         elif current is not None:
             blocks[current] += line + "\n"
-    return {
-        key: sql.strip().replace("{schema}", quote_ident(schema)) for key, sql in blocks.items()
-    }
+    return {key: sql.strip().replace("{schema}", quote_ident(schema)) for key, sql in blocks.items()}
 
 
 async def create_pool(
@@ -145,25 +143,19 @@ async def migrate(conn: asyncpg.Connection, schema: str) -> list[int]:
             " version integer PRIMARY KEY,"
             " applied_at timestamptz NOT NULL DEFAULT clock_timestamp())"
         )
-        done = {
-            r["version"] for r in await conn.fetch(f"SELECT version FROM {name}.schema_version")
-        }
+        done = {r["version"] for r in await conn.fetch(f"SELECT version FROM {name}.schema_version")}
         applied = []
         for version, sql in migration_files():
             if version in done:
                 continue
             async with conn.transaction():
                 await conn.execute(sql.replace("{schema}", name))
-                await conn.execute(
-                    f"INSERT INTO {name}.schema_version (version) VALUES ($1)", version
-                )
+                await conn.execute(f"INSERT INTO {name}.schema_version (version) VALUES ($1)", version)
             logger.bind(version=version, schema=schema).info("migration applied")
             applied.append(version)
         return applied
     finally:
-        await conn.execute(
-            "SELECT pg_advisory_unlock(hashtext('usersyncd.migrate:' || $1))", schema
-        )
+        await conn.execute("SELECT pg_advisory_unlock(hashtext('usersyncd.migrate:' || $1))", schema)
 
 
 async def schema_version(conn: asyncpg.Connection, schema: str) -> int | None:

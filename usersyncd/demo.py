@@ -7,7 +7,6 @@ made while it runs, a transient API error that is retried, a progress bar and a 
 from __future__ import annotations
 
 import asyncio
-import math
 import sys
 import tempfile
 import time
@@ -49,9 +48,7 @@ async def seed_users(
     and the benchmarks share it). Every `invalid_email_every`-th user has a malformed email and
     every `invalid_time_zone_every`-th an unknown zone (0: none)."""
     quoted = db.quote_ident(table)
-    await connection.execute(
-        SOURCE_DDL.format(table=quoted, index=db.quote_ident(f"{table}_updated_at_id"))
-    )
+    await connection.execute(SOURCE_DDL.format(table=quoted, index=db.quote_ident(f"{table}_updated_at_id")))
     bad_email = f"i % {int(invalid_email_every)} = 0" if invalid_email_every else "false"
     bad_zone = f"i % {int(invalid_time_zone_every)} = 0" if invalid_time_zone_every else "false"
     await connection.execute(
@@ -122,9 +119,7 @@ async def run_demo(
                 latencies = await _watch(conn, api, runner, valid, out)
                 code = await runner
                 elapsed = time.monotonic() - started
-            failures = await conn.fetchval(
-                "SELECT count(*) FROM usersync.failures WHERE resolved_at IS NULL"
-            )
+            failures = await conn.fetchval("SELECT count(*) FROM usersync.failures WHERE resolved_at IS NULL")
             in_sync = await _in_sync(conn, api)
             await conn.close()
             return _report(

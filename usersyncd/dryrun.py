@@ -61,15 +61,11 @@ async def _scan(conn: asyncpg.Connection, config: Config, src: source.Source) ->
     start = BEGINNING
     if state_exists:
         live = await conn.fetchval(f"SELECT updated_at FROM {schema}.cursors WHERE lane = 'live'")
-        backfill_done = await conn.fetchval(
-            f"SELECT done FROM {schema}.cursors WHERE lane = 'backfill'"
-        )
+        backfill_done = await conn.fetchval(f"SELECT done FROM {schema}.cursors WHERE lane = 'backfill'")
         if live is not None and backfill_done:
             start = live - timedelta(seconds=config.source.lookback)
     elif config.source.start_from == "now":
-        start = await conn.fetchval("SELECT clock_timestamp()") - timedelta(
-            seconds=config.source.lookback
-        )
+        start = await conn.fetchval("SELECT clock_timestamp()") - timedelta(seconds=config.source.lookback)
     elif config.source.start_moment() is not None:
         start = config.source.start_moment()
     upd, uid = (

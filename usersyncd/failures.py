@@ -30,9 +30,7 @@ async def list_open(pool: asyncpg.Pool, schema: str) -> list[dict[str, Any]]:
     return [dict(r) for r in await pool.fetch(sql["list_open"])]
 
 
-async def forget(
-    pool: asyncpg.Pool, schema: str, ids: Sequence[int]
-) -> tuple[list[int], list[int]]:
+async def forget(pool: asyncpg.Pool, schema: str, ids: Sequence[int]) -> tuple[list[int], list[int]]:
     """Delete these failures; returns (deleted ids, ids that did not exist)."""
     sql = db.queries("failures", schema)
     deleted = [r["id"] for r in await pool.fetch(sql["forget"], list(ids))]
@@ -78,9 +76,7 @@ def to_json(rows: list[dict[str, Any]]) -> str:
 def render_failures(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no open failures"
-    lines = [
-        f"{'id':>6}  {'kind':9} {'users':>5}  {'status':>6}  {'att':>3}  {'last failed':19}  error"
-    ]
+    lines = [f"{'id':>6}  {'kind':9} {'users':>5}  {'status':>6}  {'att':>3}  {'last failed':19}  error"]
     for r in rows:
         users = r["user_ids"]
         who = users[0] if len(users) == 1 else f"{len(users)}"

@@ -16,9 +16,7 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "usersyncd_requests", "Batch requests by outcome.", ["outcome"], registry=r
-        )
+        self.requests = Counter("usersyncd_requests", "Batch requests by outcome.", ["outcome"], registry=r)
         self.users_synced = Counter("usersyncd_users_synced", "Users the API accepted.", registry=r)
         self.dead_lettered = Counter(
             "usersyncd_users_dead_lettered", "Users put in failures.", ["kind"], registry=r
@@ -32,12 +30,8 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
-        self.quota_used = Gauge(
-            "usersyncd_quota_used", "Requests started in the current window.", registry=r
-        )
-        self.quota_limit = Gauge(
-            "usersyncd_quota_limit", "Requests allowed per window.", registry=r
-        )
+        self.quota_used = Gauge("usersyncd_quota_used", "Requests started in the current window.", registry=r)
+        self.quota_limit = Gauge("usersyncd_quota_limit", "Requests allowed per window.", registry=r)
         self.quota_next_slot = Gauge(
             "usersyncd_quota_next_slot_seconds", "Seconds until a slot frees.", registry=r
         )
@@ -56,9 +50,7 @@ class Metrics:
         self.paused = Gauge(
             "usersyncd_paused", "1 while sending is paused, by reason.", ["reason"], registry=r
         )
-        self.up = Gauge(
-            "usersyncd_database_up", "1 when the last database read worked.", registry=r
-        )
+        self.up = Gauge("usersyncd_database_up", "1 when the last database read worked.", registry=r)
 
     def observe_request(self, outcome: str, duration_ms: float) -> None:
         self.requests.labels(outcome=outcome).inc()

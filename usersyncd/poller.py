@@ -77,9 +77,7 @@ class UserSyncService:
                 backfill_from is None or backfill_from >= now,
             )
         if created:
-            logger.bind(live_from=now.isoformat(), backfill_from=str(backfill_from)).info(
-                "cursors created"
-            )
+            logger.bind(live_from=now.isoformat(), backfill_from=str(backfill_from)).info("cursors created")
 
     async def poll_once(self) -> PollResult:
         result = PollResult()
@@ -94,9 +92,7 @@ class UserSyncService:
         entry = logger.bind(
             rows_read=result.read,
             users_staged=result.staged,
-            cursor={
-                r["lane"]: r["updated_at"].isoformat() if r["updated_at"] else None for r in cursors
-            },
+            cursor={r["lane"]: r["updated_at"].isoformat() if r["updated_at"] else None for r in cursors},
         )
         # every poll is logged; at INFO when it found something to send
         (entry.info if result.staged else entry.debug)("poll")
@@ -154,9 +150,7 @@ class UserSyncService:
             result.read += page["read"]
             result.staged += page["staged"]
             if finished:
-                logger.info(
-                    "backfill finished: every row that existed at the first start is staged"
-                )
+                logger.info("backfill finished: every row that existed at the first start is staged")
                 return True
 
     async def run(self, stop: asyncio.Event) -> None:

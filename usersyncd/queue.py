@@ -35,9 +35,7 @@ class Backlog:
 
 
 class Queue:
-    def __init__(
-        self, pool: asyncpg.Pool, schema: str, name: str, *, worker: str, lease: float
-    ) -> None:
+    def __init__(self, pool: asyncpg.Pool, schema: str, name: str, *, worker: str, lease: float) -> None:
         self.pool = pool
         self.name = name
         self.worker = worker
@@ -52,17 +50,13 @@ class Queue:
 
     async def claim_open_batch(self) -> Batch | None:
         """A released or abandoned batch, if one is due."""
-        row = await self.pool.fetchrow(
-            self.sql["claim_open_batch"], self.name, self.worker, self.lease
-        )
+        row = await self.pool.fetchrow(self.sql["claim_open_batch"], self.name, self.worker, self.lease)
         if row is None:
             return None
         return Batch(row["id"], list(row["user_ids"]), row["attempts"], lane=row["lane"], reclaimed=True)
 
     async def new_batch(self) -> Batch:
-        batch_id = await self.pool.fetchval(
-            self.sql["new_batch"], self.name, self.worker, self.lease
-        )
+        batch_id = await self.pool.fetchval(self.sql["new_batch"], self.name, self.worker, self.lease)
         return Batch(batch_id, [])
 
     async def take_ready(self, batch: Batch, limit: int) -> dict[str, int]:
@@ -77,18 +71,14 @@ class Queue:
         rows = await self.pool.fetch(self.sql["batch_hashes"], list(user_ids))
         return {r["user_id"]: r["sent_hash"] for r in rows}
 
-    async def set_members(
-        self, batch: Batch, user_ids: Sequence[str], lane: int | None = None
-    ) -> None:
+    async def set_members(self, batch: Batch, user_ids: Sequence[str], lane: int | None = None) -> None:
         batch.user_ids = list(user_ids)
         await self.pool.execute(self.sql["set_members"], batch.id, batch.user_ids, lane)
 
     async def drop_users(self, batch: Batch, read: dict[str, datetime | None]) -> None:
         """Users leave the batch unsent; they wait again only if a newer version was seen."""
         if read:
-            await self.pool.execute(
-                self.sql["drop_users"], batch.id, list(read), list(read.values())
-            )
+            await self.pool.execute(self.sql["drop_users"], batch.id, list(read), list(read.values()))
 
     async def mark_sent(self, batch: Batch, sent: Sequence[tuple[str, bytes, datetime]]) -> None:
         """The API accepted these users: remember what was sent, resolve their old failures."""
@@ -108,9 +98,7 @@ class Queue:
     async def spend_attempt(
         self, batch: Batch, *, next_in: float, status: int | None, error: str | None
     ) -> int:
-        batch.attempts = await self.pool.fetchval(
-            self.sql["spend_attempt"], batch.id, next_in, status, error
-        )
+        batch.attempts = await self.pool.fetchval(self.sql["spend_attempt"], batch.id, next_in, status, error)
         return batch.attempts
 
     async def finish(

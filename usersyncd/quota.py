@@ -311,9 +311,7 @@ class Quota:
         async def upsert() -> tuple[float, int]:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(self._sql["lock_ledger"], self._schema)
-                remaining = await conn.fetchval(
-                    self._sql["upsert_pause"], reason, max(seconds, 0.0), detail
-                )
+                remaining = await conn.fetchval(self._sql["upsert_pause"], reason, max(seconds, 0.0), detail)
                 _, starts = await conn.fetchrow(self._sql["ledger_window"], self.span)
                 return remaining, sum(1 for start in starts if start + self.span > 0)
 
@@ -344,9 +342,7 @@ class Quota:
 
         async def read() -> tuple[list[float], float | None, list[asyncpg.Record]]:
             async with self._pool.acquire() as conn, conn.transaction(readonly=True):
-                now, starts = await conn.fetchrow(
-                    self._sql["ledger_window"], self.span + LEDGER_READ_SLACK
-                )
+                now, starts = await conn.fetchrow(self._sql["ledger_window"], self.span + LEDGER_READ_SLACK)
                 last = await conn.fetchval(self._sql["last_grant"], now, self.span)
                 return starts, last, await conn.fetch(self._sql["pauses"], now)
 
@@ -390,9 +386,7 @@ class Quota:
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(self._sql["lock_ledger"], self._schema)
             # Read after the lock: every grant committed before it is visible, and it is older.
-            now, starts = await conn.fetchrow(
-                self._sql["ledger_window"], self.span + LEDGER_READ_SLACK
-            )
+            now, starts = await conn.fetchrow(self._sql["ledger_window"], self.span + LEDGER_READ_SLACK)
             pauses = await conn.fetch(self._sql["pauses"], now)
             used = sum(1 for start in starts if start + self.span > 0)
             pause_left = max((row["remaining"] or 0.0 for row in pauses), default=0.0)

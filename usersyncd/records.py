@@ -45,9 +45,7 @@ def build_payload(row: Mapping[str, Any], fields: Mapping[str, str]) -> dict[str
     return _nest((api_field, to_json(row[column])) for api_field, column in fields.items())
 
 
-def validate(
-    user_id: str, row: Mapping[str, Any], fields: Mapping[str, str]
-) -> dict[str, Any] | Invalid:
+def validate(user_id: str, row: Mapping[str, Any], fields: Mapping[str, str]) -> dict[str, Any] | Invalid:
     """The payload of `row`, or the first problem found (email, time zone, then each field)."""
     problem = _email_problem(row[fields[EMAIL]])
     if problem:

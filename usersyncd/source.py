@@ -96,9 +96,7 @@ class Source:
             WHERE {uid} = ANY($1::text[]::{self.id_type}[]) AND {self.where_filter}
         """
 
-    async def versions(
-        self, conn: asyncpg.Connection, user_ids: Sequence[str]
-    ) -> dict[str, datetime]:
+    async def versions(self, conn: asyncpg.Connection, user_ids: Sequence[str]) -> dict[str, datetime]:
         """The users' current updated_at, by id (a cheap check before sending a formed batch)."""
         upd = db.quote_ident(self.config.updated_at_column)
         uid = db.quote_ident(self.config.id_column)
@@ -113,9 +111,7 @@ class Source:
         """The users' rows as they are now, by id (missing: deleted or filtered out)."""
         records = await conn.fetch(self.fetch_sql(), list(user_ids))
         return {
-            r["__usersyncd_id"]: Row(
-                r["__usersyncd_id"], r["__usersyncd_updated_at"], dict(r.items())
-            )
+            r["__usersyncd_id"]: Row(r["__usersyncd_id"], r["__usersyncd_updated_at"], dict(r.items()))
             for r in records
         }
 
@@ -139,9 +135,7 @@ async def inspect(conn: asyncpg.Connection, config: SourceConfig) -> Source:
         table,
     )
     if relid is None:
-        raise SourceError(
-            f"source.table: table {schema}.{table} does not exist (or is not visible)"
-        )
+        raise SourceError(f"source.table: table {schema}.{table} does not exist (or is not visible)")
     columns = {
         r["attname"]: r["type"]
         for r in await conn.fetch(
@@ -183,6 +177,4 @@ async def inspect(conn: asyncpg.Connection, config: SourceConfig) -> Source:
         config.updated_at_column,
         config.id_column,
     )
-    return Source(
-        config=config, id_type=columns[config.id_column], has_keyset_index=bool(has_index)
-    )
+    return Source(config=config, id_type=columns[config.id_column], has_keyset_index=bool(has_index))

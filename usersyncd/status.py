@@ -43,9 +43,7 @@ class Status:
 
     @property
     def backlog(self) -> int:
-        return (
-            self.live_ready + self.backfill_ready + (self.backfill_unstaged or 0) + self.in_batches
-        )
+        return self.live_ready + self.backfill_ready + (self.backfill_unstaged or 0) + self.in_batches
 
 
 def drain_eta(
@@ -67,18 +65,12 @@ async def collect(pool: asyncpg.Pool, config: Config, *, count_unstaged: bool = 
     schema = config.database.state_schema
     q = db.quote_ident(schema)
     queue = Queue(pool, schema, config.queue.name, worker="status", lease=config.queue.retry_after)
-    quota = Quota(
-        pool, config.limits, schema, worker="status", credentials_probe_every=config.retry.backoff
-    )
+    quota = Quota(pool, config.limits, schema, worker="status", credentials_probe_every=config.retry.backoff)
     backlog = await queue.backlog()
     state = await quota.state()
     async with pool.acquire() as conn:
-        in_batches = await conn.fetchval(
-            f"SELECT count(*) FROM {q}.sync_state WHERE batch_id IS NOT NULL"
-        )
-        last_success = await conn.fetchval(
-            f"SELECT max(started_at) FROM {q}.requests WHERE outcome = 'ok'"
-        )
+        in_batches = await conn.fetchval(f"SELECT count(*) FROM {q}.sync_state WHERE batch_id IS NOT NULL")
+        last_success = await conn.fetchval(f"SELECT max(started_at) FROM {q}.requests WHERE outcome = 'ok'")
         processes = [
             dict(r)
             for r in await conn.fetch(
@@ -87,12 +79,8 @@ async def collect(pool: asyncpg.Pool, config: Config, *, count_unstaged: bool = 
                 LIVE_AFTER,
             )
         ]
-        cursors = {
-            r["lane"]: dict(r) for r in await conn.fetch(db.queries("poller", schema)["cursors"])
-        }
-        unstaged = (
-            await _unstaged(conn, config, cursors.get("backfill")) if count_unstaged else None
-        )
+        cursors = {r["lane"]: dict(r) for r in await conn.fetch(db.queries("poller", schema)["cursors"])}
+        unstaged = await _unstaged(conn, config, cursors.get("backfill")) if count_unstaged else None
     users = backlog.live_ready + backlog.backfill_ready + (unstaged or 0) + in_batches
     return Status(
         live_ready=backlog.live_ready,
@@ -122,9 +110,7 @@ async def collect(pool: asyncpg.Pool, config: Config, *, count_unstaged: bool = 
     )
 
 
-async def _unstaged(
-    conn: asyncpg.Connection, config: Config, cursor: dict[str, Any] | None
-) -> int | None:
+async def _unstaged(conn: asyncpg.Connection, config: Config, cursor: dict[str, Any] | None) -> int | None:
     """Source rows between the backfill cursor and its end (an index range count)."""
     if cursor is None or cursor["done"]:
         return None
@@ -168,13 +154,9 @@ def render_text(status: Status) -> str:
 
     pause = "no"
     if status.paused:
-        pause = (
-            f"{status.paused} ({status.pause_detail or ''}; {status.paused_for or 0:.1f} s left)"
-        )
+        pause = f"{status.paused} ({status.pause_detail or ''}; {status.paused_for or 0:.1f} s left)"
     backfill = (
-        "done"
-        if status.backfill_unstaged is None
-        else f"{status.backfill_unstaged} rows not yet staged"
+        "done" if status.backfill_unstaged is None else f"{status.backfill_unstaged} rows not yet staged"
     )
     lines = [
         f"backlog:        {status.backlog} users (live {status.live_ready}, backfill {status.backfill_ready} staged, {backfill})",
@@ -187,13 +169,11 @@ def render_text(status: Status) -> str:
         f"paused:         {pause}",
         f"live workers:   {len(status.live_processes)} process(es)"
         + "".join(
-            f"\n  - {p['id']} (pid {p['pid']}, since {ago(p['started_at'])})"
-            for p in status.live_processes
+            f"\n  - {p['id']} (pid {p['pid']}, since {ago(p['started_at'])})" for p in status.live_processes
         ),
     ]
     for lane, cursor in status.cursors.items():
         lines.append(
-            f"cursor {lane + ':':9} {ago(cursor['updated_at'])}"
-            + (" (done)" if cursor.get("done") else "")
+            f"cursor {lane + ':':9} {ago(cursor['updated_at'])}" + (" (done)" if cursor.get("done") else "")
         )
     return "\n".join(lines)

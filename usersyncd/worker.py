@@ -114,7 +114,11 @@ class SyncUserBatch:
                 continue
 
     async def _send_once(self, state: _State) -> None:
-        kind = "send" if state.batch is None or (state.batch.attempts == 0 and not state.batch.reclaimed) else "retry"
+        kind = (
+            "send"
+            if state.batch is None or (state.batch.attempts == 0 and not state.batch.reclaimed)
+            else "retry"
+        )
         attempt_no = (state.batch.attempts if state.batch else 0) + 1
         if state.batch is None:
             slot, members = await self._form_then_acquire(state, kind, attempt_no)
@@ -122,7 +126,11 @@ class SyncUserBatch:
                 return
         else:
             slot = await self.quota.acquire(
-                kind=kind, batch_id=state.batch.id, attempt=attempt_no, stop=self.stop, paced=state.batch.lane != LIVE
+                kind=kind,
+                batch_id=state.batch.id,
+                attempt=attempt_no,
+                stop=self.stop,
+                paced=state.batch.lane != LIVE,
             )
             if slot is None:
                 raise Stopping()
@@ -139,7 +147,9 @@ class SyncUserBatch:
             raise Stopping()
         await self._deliver(state, slot, members, attempt_no)
 
-    async def _form_then_acquire(self, state: _State, kind: str, attempt_no: int) -> tuple[Slot | None, list[Member]]:
+    async def _form_then_acquire(
+        self, state: _State, kind: str, attempt_no: int
+    ) -> tuple[Slot | None, list[Member]]:
         """A fresh batch is formed just before its slot frees, so the slot is used on time (G2);
         and one formed batch at most per process waits for a slot, so users of the live lane
         never queue behind several formed backfill batches (G11)."""
@@ -189,7 +199,9 @@ class SyncUserBatch:
         batch.lane = lane
         await self.queue.set_members(batch, [m.user_id for m in members], lane)
         if members:
-            self.log.bind(batch_id=batch.id, users=len(members), lane=("live", "backfill")[lane]).info("batch created")
+            self.log.bind(batch_id=batch.id, users=len(members), lane=("live", "backfill")[lane]).info(
+                "batch created"
+            )
         return members
 
     async def _refresh(self, batch: Batch, members: list[Member]) -> list[Member]:
@@ -309,7 +321,12 @@ class SyncUserBatch:
     async def _send_part(self, state: _State, part: list[Member], attempt_no: int) -> None:
         """A part of the batch (a half after 413, the rest after named rejects): its own slot."""
         while True:
-            slot = await self.quota.acquire(kind="send", batch_id=state.batch.id if state.batch else None, attempt=attempt_no, stop=self.stop)
+            slot = await self.quota.acquire(
+                kind="send",
+                batch_id=state.batch.id if state.batch else None,
+                attempt=attempt_no,
+                stop=self.stop,
+            )
             if slot is None:
                 raise Stopping()
             try:
