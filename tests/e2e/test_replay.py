@@ -100,18 +100,12 @@ async def test_rejected_users_are_replayed_once_even_by_two_replays_at_once(
     config = make_config(database_url, fake_api.url, **fast())
     await run_once(spawn, config)
     failures = await open_failures(config)
-    assert (
-        len(failures) == 1
-        and failures[0]["kind"] == "rejected"
-        and failures[0]["http_status"] == 422
-    )
+    assert len(failures) == 1 and failures[0]["kind"] == "rejected" and failures[0]["http_status"] == 422
     assert sorted(failures[0]["user_ids"]) == ["7", "8"]
     assert len(fake_api.state) == 48
 
     fake_api.reject_emails = set()
-    await conn.execute(
-        "UPDATE users SET name = 'Seven, now' WHERE id = 7"
-    )  # changed, updated_at untouched
+    await conn.execute("UPDATE users SET name = 'Seven, now' WHERE id = 7")  # changed, updated_at untouched
     first, second = await asyncio.gather(
         usersyncd("replay-failed", "--config", str(config), "--all"),
         usersyncd("replay-failed", "--config", str(config), "--all"),
@@ -120,16 +114,10 @@ async def test_rejected_users_are_replayed_once_even_by_two_replays_at_once(
     assert counts == [0, 2]
     await run_once(spawn, config)
     assert fake_api.sends["user7@example.com"] == 1 and fake_api.sends["user8@example.com"] == 1
+    assert fake_api.state["user7@example.com"]["name"] == "Seven, now"  # current data, not the failed payload
+    row = await conn.fetchrow("SELECT resolution, replay_outcome, replayed_at FROM usersync.failures")
     assert (
-        fake_api.state["user7@example.com"]["name"] == "Seven, now"
-    )  # current data, not the failed payload
-    row = await conn.fetchrow(
-        "SELECT resolution, replay_outcome, replayed_at FROM usersync.failures"
-    )
-    assert (
-        row["resolution"] == "synced"
-        and row["replay_outcome"] == "synced"
-        and row["replayed_at"] is not None
+        row["resolution"] == "synced" and row["replay_outcome"] == "synced" and row["replayed_at"] is not None
     )
     assert await open_failures(config) == []
 
@@ -166,3 +154,34 @@ async def test_forget_failed_and_history(
     assert bad.returncode == 2 and "--since yesterday" in bad.stderr
     nothing = await usersyncd("replay-failed", "--config", str(config))
     assert nothing.returncode == 2 and "--all" in nothing.stderr
+
+
+async def test_replay_during_two_running_replicas_keeps_the_quota(
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApi,
+    seed: Any,
+    make_config: Callable[..., Path],
+    spawn: Any,
+) -> None:
+    """Two replicas drain a backlog while replays re-queue dead letters: no violation, all delivered."""
+    await seed(conn, 12_000)
+    fake_api.limit_requests, fake_api.window = 6, 2.0
+    fake_api.reject_emails = {f"user{n}@example.com" for n in range(1, 12_000, 1500)}
+    config = make_config(
+        database_url, fake_api.url, **fast(limits={"requests": 6, "window": 2.0, "margin": 0.1})
+    )
+    first, second = await spawn(config), await spawn(config)
+    await fake_api.wait_for(lambda api: any(r.status == 422 for r in api.requests), timeout=30)
+    fake_api.reject_emails = set()
+    for _ in range(3):
+        replay = await usersyncd("replay-failed", "--config", str(config), "--all")
+        assert replay.returncode == 0, replay.stderr
+        await asyncio.sleep(0.5)
+    await fake_api.wait_for(lambda api: len(api.state) == 12_000, timeout=60)
+    await usersyncd("replay-failed", "--config", str(config), "--all")  # any rejected since
+    await fake_api.wait_for(lambda api: len(api.state) == 12_000, timeout=30)
+    assert await first.stop() == 0 and await second.stop() == 0
+    assert fake_api.violations == 0
+    assert fake_api.max_arrivals_in_any_window(2.0) <= 6
+    await assert_in_sync(conn, fake_api)

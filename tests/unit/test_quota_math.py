@@ -112,3 +112,44 @@ def test_a_burst_drains_at_full_quota(limit: int, span: float, burst: int) -> No
     granted = simulate([0.0] * burst, limit, span)
     for index, start in enumerate(granted):
         assert start == pytest.approx((index // limit) * span, rel=1e-9, abs=1e-9)
+
+
+def test_pace_waits_one_slot_after_the_latest_grant() -> None:
+    """A paced request starts one slot (span / limit) after the latest grant, at once if none."""
+    from usersyncd.quota import pace_delay
+
+    assert pace_delay([], 10.0, 5, 5.0) == 0.0
+    assert pace_delay([9.5], 10.0, 5, 5.0) == pytest.approx(0.5)
+    assert pace_delay([3.0, 8.0], 10.0, 5, 5.0) == 0.0
+
+
+def test_pace_place_is_anchored_on_the_previous_grant() -> None:
+    """A grant a little late takes its place in the pace, so lateness does not add up; after a
+    long pause the pace starts again from about now."""
+    from usersyncd.quota import pace_place
+
+    slot = 1.0
+    assert pace_place(None, 5, 5.0) == 0.0
+    assert pace_place(-1.05, 5, 5.0) == pytest.approx(-0.05)  # 50 ms late: placed on time
+    assert pace_place(-30.0, 5, 5.0) == pytest.approx(-slot / 4)  # idle: restart near now
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lateness=st.lists(st.floats(min_value=0.0, max_value=0.2), min_size=20, max_size=60),
+    limit=st.integers(min_value=1, max_value=20),
+)
+def test_paced_grants_keep_the_rate_despite_lateness(lateness: list[float], limit: int) -> None:
+    """Granting each paced request a little late (up to a fifth of a slot) never slows the
+    average pace: n grants span no more than (n - 1) slots plus one lateness."""
+    from usersyncd.quota import pace_delay, pace_place
+
+    span = 10.0
+    slot = span / limit
+    now, places, grants = 0.0, [], []
+    for late in lateness:
+        wait = pace_delay(places[-1:], now, limit, span)
+        now += wait + late * slot
+        grants.append(now)
+        places.append(now + pace_place(places[-1] - now if places else None, limit, span))
+    assert grants[-1] - grants[0] <= (len(lateness) - 1) * slot + 0.2 * slot + 1e-9
