@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -62,9 +64,7 @@ async def test_health_readiness_and_metrics(
         assert 'usersyncd_paused{reason="credentials"} 0.0' in metrics
 
         fake_api.api_key = "rotated"  # credentials stop working
-        await conn.execute(
-            "UPDATE users SET name = 'x', updated_at = clock_timestamp() WHERE id = 1"
-        )
+        await conn.execute("UPDATE users SET name = 'x', updated_at = clock_timestamp() WHERE id = 1")
         for _ in range(100):
             ready = await client.get("/readyz")
             if ready.status_code == 503:
@@ -75,9 +75,7 @@ async def test_health_readiness_and_metrics(
         assert (await client.get("/healthz")).status_code == 200  # alive, just not ready
 
         fake_api.api_key = "test-key"
-        await fake_api.wait_for(
-            lambda api: api.state["user1@example.com"]["name"] == "x", timeout=15
-        )
+        await fake_api.wait_for(lambda api: api.state["user1@example.com"]["name"] == "x", timeout=15)
         for _ in range(100):
             if (await client.get("/readyz")).status_code == 200:
                 break
@@ -125,9 +123,7 @@ async def test_check_names_what_is_wrong(
 ) -> None:
     """`check` passes on a good set-up; a missing table or column is one clear FAIL line and exit 1."""
     await seed(conn, 10)
-    good = await usersyncd(
-        "check", "--config", str(make_config(database_url, fake_api.url)), "--api"
-    )
+    good = await usersyncd("check", "--config", str(make_config(database_url, fake_api.url)), "--api")
     assert good.returncode == 0, good.stdout + good.stderr
     assert "ok   index on (updated_at, id)" in good.stdout
     assert len(fake_api.requests) == 1  # --api costs exactly one request
@@ -183,3 +179,48 @@ async def test_dry_run_sends_nothing_and_changes_nothing(
     assert "@example.com" in report["sample"]["email"] and "user" not in report["sample"]["email"]
     assert fake_api.requests == []
     assert await conn.fetchval("SELECT to_regclass('usersync.cursors')") is None
+
+
+async def test_example_config_runs_and_stops_on_ctrl_c(
+    conn: asyncpg.Connection, database_url: str, seed: Any, tmp_path: Path
+) -> None:
+    """`run --config config.example.toml` (database and key from the environment) starts, logs
+    readiness, and on Ctrl-C (SIGINT) stops cleanly with exit 0."""
+    await seed(conn, 5)
+    example = Path(__file__).resolve().parents[2] / "config.example.toml"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("USER_API", "USERSYNCD_"))},
+        "USERSYNCD_DATABASE_URL": database_url,
+        "USER_API_KEY": "example-key-1234",
+    }
+    log_path = tmp_path / "example.log"
+    with open(log_path, "wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "usersyncd",
+            "run",
+            "--config",
+            str(example),
+            "--set",
+            "http.listen=''",  # port 9187 may be taken on a test machine
+            stdout=log_file,
+            stderr=log_file,
+            env=env,
+        )
+        try:
+            for _ in range(300):
+                if "usersyncd ready" in log_path.read_text():
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail(log_path.read_text()[-2000:])
+            proc.send_signal(signal.SIGINT)
+            assert await asyncio.wait_for(proc.wait(), 40) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    text = log_path.read_text()
+    assert "usersyncd stopped" in text and "Traceback" not in text
+    assert "example-key-1234" not in text
