@@ -94,13 +94,12 @@ def to_json(value: Any) -> Any:
 
 
 def _nest(values: Iterable[tuple[str, Any]]) -> dict[str, Any]:
-    """Dotted API names become nested objects; null values are left out (no empty objects)."""
+    """Dotted API names become nested objects. A null is sent as null: a field cleared in the
+    table is cleared at the API too (G3: the API holds the latest state of every mapped field)."""
     values = list(values)
     _check_shape([api_field for api_field, _ in values])
     payload: dict[str, Any] = {}
     for api_field, value in values:
-        if value is None:
-            continue
         *parents, leaf = api_field.split(".")
         node = payload
         for part in parents:

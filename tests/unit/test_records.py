@@ -47,11 +47,11 @@ def test_build_payload_nests_dotted_fields() -> None:
     }
 
 
-def test_build_payload_leaves_out_nulls_and_empty_parents() -> None:
-    """A null value is not sent, and a parent whose children are all null is not created."""
+def test_build_payload_sends_nulls_so_a_cleared_field_is_cleared() -> None:
+    """A null value is sent as null, nested ones too: the API ends with the row as it is (G3)."""
     fields = {"email": "email", "name": "name", "custom_fields.plan": "plan"}
     payload = records.build_payload({"email": "a@example.com", "name": None, "plan": None}, fields)
-    assert payload == {"email": "a@example.com"}
+    assert payload == {"email": "a@example.com", "name": None, "custom_fields": {"plan": None}}
 
 
 def test_build_payload_converts_values_to_json() -> None:
@@ -146,10 +146,10 @@ def test_validate_accepts_iana_time_zones(zone: str) -> None:
     assert isinstance(result, dict) and result["time_zone"] == zone
 
 
-def test_validate_allows_a_null_time_zone_and_drops_it() -> None:
-    """A null time zone is valid and left out of the payload."""
+def test_validate_allows_a_null_time_zone() -> None:
+    """A null time zone is valid and sent as null."""
     result = records.validate("9", row(time_zone=None), FIELDS)
-    assert result == {"email": "John.Doe@Example.com", "name": "John"}
+    assert result == {"email": "John.Doe@Example.com", "name": "John", "time_zone": None}
 
 
 def test_validate_skips_time_zone_when_not_mapped() -> None:
