@@ -86,6 +86,10 @@ async def test_changes_during_run_are_coalesced_and_noops_cost_nothing(
         pytest.fail("the bump was never processed")
     assert fake_api.sends["user9@example.com"] == 1
     assert len(fake_api.requests) == requests_before
+
+    # a field cleared in the table is cleared at the API
+    await conn.execute("UPDATE users SET name = NULL, updated_at = clock_timestamp() WHERE id = 11")
+    await fake_api.wait_for(lambda api: api.state["user11@example.com"]["name"] is None, timeout=10)
     assert await daemon.stop() == 0
     await assert_in_sync(conn, fake_api)
 
