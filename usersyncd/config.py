@@ -78,6 +78,15 @@ class SourceConfig(_Section):
                 raise ValueError(f"API field {api_field!r} maps to an empty column name")
             if any(not part for part in api_field.split(".")):
                 raise ValueError(f"API field {api_field!r} has an empty part")
+        names = set(fields)
+        for api_field in fields:
+            parent = api_field.rpartition(".")[0]
+            while parent:
+                if parent in names:
+                    raise ValueError(
+                        f"API field {parent!r} cannot be both a value and the parent of {api_field!r}"
+                    )
+                parent = parent.rpartition(".")[0]
         return fields
 
     @field_validator("start_from")
@@ -137,6 +146,17 @@ class ApiConfig(_Section):
         if not _AUTH.match(auth):
             raise ValueError('must be "bearer", "basic" or "header:NAME"')
         return auth
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _printable_key(cls, key: Any) -> Any:
+        value = key.get_secret_value() if isinstance(key, SecretStr) else key
+        if isinstance(value, str):
+            value = value.strip()  # a trailing newline from a file or a secret store
+            if any(not 33 <= ord(char) <= 126 for char in value):
+                # never echo the key: it would land in the error line
+                raise ValueError("must be printable ASCII without spaces or line breaks")
+        return value
 
     @model_validator(mode="after")
     def _one_key_source(self) -> ApiConfig:
@@ -228,9 +248,10 @@ class Config(_Section):
     def secrets(self) -> list[str]:
         """Values that must never appear in output (G9)."""
         found = [self.api.key.get_secret_value()]
-        password = re.search(r"//[^/:@]*:([^@/]+)@", self.database.url)
-        if password:
-            found.append(password.group(1))
+        for pattern in (r"//[^/:@]*:([^@/]+)@", r"[?&]password=([^&]+)"):
+            password = re.search(pattern, self.database.url)
+            if password:
+                found.append(password.group(1))
         return [secret for secret in found if secret]
 
 
@@ -283,6 +304,8 @@ def _read_key(path: Path) -> SecretStr:
         raise ConfigError(f"api.key_file: cannot read {path}: {reason}") from None
     if not key:
         raise ConfigError(f"api.key_file: {path} is empty")
+    if any(not 33 <= ord(char) <= 126 for char in key):
+        raise ConfigError(f"api.key_file: {path} must hold printable ASCII without spaces or line breaks")
     return SecretStr(key)
 
 

@@ -15,7 +15,7 @@ from loguru import logger
 
 from usersyncd import __version__, api, db, source, status
 from usersyncd.config import Config
-from usersyncd.errors import UserSyncError
+from usersyncd.errors import DatabaseError, UserSyncError
 from usersyncd.http import HealthServer
 from usersyncd.metrics import Metrics
 from usersyncd.poller import UserSyncService
@@ -208,6 +208,10 @@ class Daemon:
                 await job.run(await queue.claim_open_batch())
             except Stopping:
                 return
+            except DatabaseError:
+                if self.stop.is_set():  # the database is gone and we are stopping: not a crash
+                    return
+                raise
             except db.CONNECTION_ERRORS as exc:
                 # the batch goes back to the queue; its users are sent again (at-least-once)
                 logger.bind(worker=n, error=str(exc)).warning("database lost during a batch; releasing it")

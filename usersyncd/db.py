@@ -30,6 +30,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InterfaceError,
     # a connection that broke mid-protocol ("cannot switch to state …; another operation is in progress")
     asyncpg.exceptions.InternalClientError,
+    # the transaction lost to another one: running it again is the cure
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
     asyncio.TimeoutError,
 )
 
@@ -46,8 +49,9 @@ def qualified(schema: str, name: str) -> str:
 
 
 def redact_dsn(url: str) -> str:
-    """The database URL without its password, for logs and errors."""
-    return re.sub(r"(//[^/:@]*):[^@/]*@", r"\1:***@", url)
+    """The database URL without its password (in the authority or as ?password=), for logs."""
+    url = re.sub(r"(//[^/:@]*):[^@/]*@", r"\1:***@", url)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", url)
 
 
 @cache

@@ -45,6 +45,9 @@ class Queue:
     async def has_work(self) -> bool:
         return bool(await self.pool.fetchval(self.sql["has_work"], self.name))
 
+    async def has_ready(self) -> bool:
+        return bool(await self.pool.fetchval(self.sql["has_ready"]))
+
     async def has_live_ready(self) -> bool:
         return bool(await self.pool.fetchval(self.sql["has_live_ready"]))
 
@@ -67,31 +70,40 @@ class Queue:
             rows = await conn.fetch(self.sql["take_ready"], batch.id, limit)
         return {r["user_id"]: r["lane"] for r in rows}
 
-    async def sent_hashes(self, user_ids: Sequence[str]) -> dict[str, bytes | None]:
-        rows = await self.pool.fetch(self.sql["batch_hashes"], list(user_ids))
-        return {r["user_id"]: r["sent_hash"] for r in rows}
+    async def user_state(self, user_ids: Sequence[str]) -> dict[str, tuple[bytes | None, int]]:
+        """{user id: (hash the API last accepted, stage_seq)}: read before the users' rows."""
+        rows = await self.pool.fetch(self.sql["user_state"], list(user_ids))
+        return {r["user_id"]: (r["sent_hash"], r["stage_seq"]) for r in rows}
 
     async def set_members(self, batch: Batch, user_ids: Sequence[str], lane: int | None = None) -> None:
         batch.user_ids = list(user_ids)
         await self.pool.execute(self.sql["set_members"], batch.id, batch.user_ids, lane)
 
-    async def drop_users(self, batch: Batch, read: dict[str, datetime | None]) -> None:
-        """Users leave the batch unsent; they wait again only if a newer version was seen."""
-        if read:
-            await self.pool.execute(self.sql["drop_users"], batch.id, list(read), list(read.values()))
+    async def drop_users(self, batch: Batch, seqs: dict[str, int]) -> None:
+        """Users leave the batch unsent; they wait again only if staged again since read."""
+        if not seqs:
+            return
+        ids = sorted(seqs)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(self.sql["lock_users"], ids)
+            await conn.execute(self.sql["drop_users"], batch.id, ids, [seqs[u] for u in ids])
 
-    async def mark_sent(self, batch: Batch, sent: Sequence[tuple[str, bytes, datetime]]) -> None:
-        """The API accepted these users: remember what was sent, resolve their old failures."""
+    async def mark_sent(self, batch: Batch, sent: Sequence[tuple[str, bytes, datetime, int]]) -> None:
+        """The API accepted these (user id, hash, updated_at read, stage_seq read): remember
+        what was sent, resolve their old failures."""
         if not sent:
             return
-        ids = [user_id for user_id, _, _ in sent]
+        ordered = sorted(sent)
+        ids = [user_id for user_id, _, _, _ in ordered]
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(self.sql["lock_users"], ids)
             await conn.execute(
                 self.sql["mark_sent"],
                 batch.id,
                 ids,
-                [h for _, h, _ in sent],
-                [t for _, _, t in sent],
+                [h for _, h, _, _ in ordered],
+                [t for _, _, t, _ in ordered],
+                [q for _, _, _, q in ordered],
             )
             await conn.execute(self.sql["resolve_failures"], ids)
 
@@ -109,6 +121,10 @@ class Queue:
     async def release_mine(self, *, due_in: float = 0.0) -> str:
         """Shutdown: every batch this worker holds goes back to the queue."""
         return await self.pool.execute(self.sql["release_batches"], self.worker, due_in)
+
+    async def hold(self, batch: Batch) -> bool:
+        """Renew the batch's lease if it is still this worker's; False if another took it over."""
+        return await self.pool.fetchval(self.sql["hold_batch"], batch.id, self.worker, self.lease) is not None
 
     async def renew_leases(self) -> None:
         await self.pool.execute(self.sql["renew_leases"], self.worker, self.lease)

@@ -66,15 +66,18 @@ class Source:
             ), numbered AS (
                 SELECT user_id, updated_at, row_number() OVER () AS n FROM page
             ), staged AS (
-                INSERT INTO {state}.sync_state AS s (user_id, seen_updated_at, dirty, lane)
-                SELECT user_id, updated_at, true, $4 FROM page
+                INSERT INTO {state}.sync_state AS s (user_id, seen_updated_at, dirty, lane, stage_seq)
+                SELECT user_id, updated_at, true, $4, 1 FROM page
+                ORDER BY user_id  -- every writer of sync_state locks rows in user_id order
                 ON CONFLICT (user_id) DO UPDATE
                     SET seen_updated_at = excluded.seen_updated_at,
                         dirty = true,
+                        stage_seq = s.stage_seq + 1,
                         lane = least(s.lane, excluded.lane),
                         dirty_since = CASE WHEN s.dirty THEN s.dirty_since
                                            ELSE clock_timestamp() END
-                    WHERE s.seen_updated_at < excluded.seen_updated_at
+                    -- a version not seen yet: newer, or older (updated_at can move backwards)
+                    WHERE s.seen_updated_at IS DISTINCT FROM excluded.seen_updated_at
                 RETURNING 1
             )
             SELECT (SELECT count(*) FROM numbered) AS read,
@@ -136,14 +139,16 @@ async def inspect(conn: asyncpg.Connection, config: SourceConfig) -> Source:
     )
     if relid is None:
         raise SourceError(f"source.table: table {schema}.{table} does not exist (or is not visible)")
-    columns = {
-        r["attname"]: r["type"]
+    rows = {
+        r["attname"]: r
         for r in await conn.fetch(
-            "SELECT attname, format_type(atttypid, atttypmod) AS type FROM pg_attribute"
+            "SELECT attname, format_type(atttypid, atttypmod) AS type,"
+            " format_type(atttypid, NULL) AS base_type FROM pg_attribute"
             " WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
             relid,
         )
     }
+    columns = {name: r["type"] for name, r in rows.items()}
     wanted = {
         "source.id_column": config.id_column,
         "source.updated_at_column": config.updated_at_column,
@@ -152,7 +157,7 @@ async def inspect(conn: asyncpg.Connection, config: SourceConfig) -> Source:
     for key, column in wanted.items():
         if column not in columns:
             raise SourceError(f"{key}: column {column!r} does not exist in {schema}.{table}")
-    if columns[config.updated_at_column] not in TIMESTAMP_TYPES:
+    if rows[config.updated_at_column]["base_type"] not in TIMESTAMP_TYPES:  # timestamp(6) too
         raise SourceError(
             f"source.updated_at_column: {config.updated_at_column!r} is "
             f"{columns[config.updated_at_column]}, not a timestamp"

@@ -36,6 +36,10 @@ class Stopping(UserSyncError):
     """Shutdown was requested; the batch goes back to the queue."""
 
 
+class _BatchLost(Exception):
+    """Another worker took the batch over (its lease ran out): this one lets go of it."""
+
+
 class _SendAgain(Exception):
     """Sending was paused (429, 401/403): the same users go again, no attempt spent."""
 
@@ -45,7 +49,8 @@ class Member:
     user_id: str
     payload: dict[str, Any]
     hash: bytes
-    read_at: datetime
+    read_at: datetime  # the row's updated_at when read
+    seq: int  # the user's stage_seq when read: staged again since means send again
 
 
 class SyncUserBatch:
@@ -102,6 +107,10 @@ class SyncUserBatch:
             if state.batch is not None:
                 await self.queue.release_mine()
             raise
+        except _BatchLost:
+            self.log.bind(batch_id=state.batch.id if state.batch else None).warning(
+                "batch taken over by another worker after its lease ran out; letting go"
+            )
 
     # -- one attempt ---------------------------------------------------------------------
 
@@ -164,10 +173,11 @@ class SyncUserBatch:
                 if free_in > 0:
                     await self._sleep(free_in)
             members = await self._form(state)
-            assert state.batch is not None
             if not members:
-                await self.queue.finish(state.batch, "done")
+                if state.batch is not None:
+                    await self.queue.finish(state.batch, "done")
                 return None, []
+            assert state.batch is not None
             slot = await self.quota.acquire(
                 kind=kind,
                 batch_id=state.batch.id,
@@ -183,6 +193,8 @@ class SyncUserBatch:
     async def _form(self, state: _State) -> list[Member]:
         """A new batch of up to `batch_size` ready users (live lane first), topped up when
         validation or deduplication leaves some out."""
+        if not await self.queue.has_ready():  # another worker took them: no empty batch row
+            return []
         state.batch = batch = await self.queue.new_batch()
         members: list[Member] = []
         lanes: dict[str, int] = {}
@@ -218,17 +230,18 @@ class SyncUserBatch:
 
     async def _prepare(self, batch: Batch, user_ids: Sequence[str]) -> list[Member]:
         """Read the users now; invalid ones to failures, unchanged and missing ones out."""
+        known = await self.queue.user_state(user_ids)  # before the rows: see Member.seq
         async with self.pool.acquire() as conn:
             rows = await self.source.fetch(conn, user_ids)
-        hashes = await self.queue.sent_hashes(user_ids)
         members: list[Member] = []
-        dropped: dict[str, datetime | None] = {}
+        dropped: dict[str, int] = {}
         for n, user_id in enumerate(user_ids):
             if n % YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # validation is CPU work: let a request in flight go out
+            sent_hash, seq = known.get(user_id, (None, 0))
             row = rows.get(user_id)
             if row is None:  # deleted, or no longer passes the filter
-                dropped[user_id] = None
+                dropped[user_id] = seq
                 continue
             result = records.validate(user_id, row.values, self.config.source.fields)
             if isinstance(result, records.Invalid):
@@ -239,13 +252,13 @@ class SyncUserBatch:
                 self.log.bind(batch_id=batch.id, user_id=user_id, field=result.field).warning(
                     "invalid record dead-lettered: {}", result.reason
                 )
-                dropped[user_id] = row.updated_at
+                dropped[user_id] = seq
                 continue
             digest = records.content_hash(result)
-            if hashes.get(user_id) == digest:  # the API has exactly this already (G4)
-                dropped[user_id] = row.updated_at
+            if sent_hash == digest:  # the API has exactly this already (G4)
+                dropped[user_id] = seq
                 continue
-            members.append(Member(user_id, result, digest, row.updated_at))
+            members.append(Member(user_id, result, digest, row.updated_at, seq))
         await self.queue.drop_users(batch, dropped)
         return members
 
@@ -253,11 +266,17 @@ class SyncUserBatch:
         """Send `members` on `slot`; splits on 413, sends the rest when the API names bad records."""
         batch = state.batch
         assert batch is not None
+        if not await self.queue.hold(batch):  # taken over while the database was away (G6)
+            await self.quota.release(slot)
+            raise _BatchLost()
         confirmed = await self.quota.confirm(slot)  # the ledger holds the real start, not the grant
         if confirmed is None:  # a whole span passed while forming: this slot is stale
             await self.quota.release(slot)
             raise _SendAgain()
         slot = confirmed
+        if self.stop.is_set():  # no new request starts after SIGTERM
+            await self.quota.release(slot)
+            raise Stopping()
         outcome = await self.client.send([m.payload for m in members], batch_id=batch.id, attempt=attempt_no)
         await self.quota.record(slot, **outcome.ledger_fields())
         self.metrics.observe_request(outcome.kind.value, outcome.duration_ms)
@@ -271,7 +290,7 @@ class SyncUserBatch:
         if kind is api.OutcomeKind.OK:
             if slot.probe:
                 await self.quota.resume("credentials")
-            await self.queue.mark_sent(batch, [(m.user_id, m.hash, m.read_at) for m in members])
+            await self.queue.mark_sent(batch, [(m.user_id, m.hash, m.read_at, m.seq) for m in members])
             self.metrics.users_synced.inc(len(members))
             sent = {m.user_id for m in members}
             batch.user_ids = [u for u in batch.user_ids if u not in sent]
@@ -280,7 +299,9 @@ class SyncUserBatch:
             log.bind(outcome="ok", status=outcome.status).info("batch delivered")
             return
         if kind is api.OutcomeKind.RATE_LIMITED:
-            wait = min(outcome.retry_after or self.config.limits.window, MAX_PAUSE)
+            wait = min(
+                self.config.limits.window if outcome.retry_after is None else outcome.retry_after, MAX_PAUSE
+            )
             await self.quota.pause("rate_limited", wait, f"HTTP 429; retry in {wait:.1f} s")  # logs WARNING
             raise _SendAgain()
         if kind is api.OutcomeKind.UNAUTHORIZED:
@@ -352,7 +373,7 @@ class SyncUserBatch:
             batch_id=batch.id,
             payload={"subscribers": [m.payload for m in members]},
         )
-        await self.queue.drop_users(batch, {m.user_id: m.read_at for m in members})
+        await self.queue.drop_users(batch, {m.user_id: m.seq for m in members})
         self.metrics.dead_lettered.labels(kind=kind).inc(len(ids))
         gone = set(ids)
         batch.user_ids = [u for u in batch.user_ids if u not in gone]

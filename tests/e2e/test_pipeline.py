@@ -57,14 +57,10 @@ async def test_changes_during_run_are_coalesced_and_noops_cost_nothing(
 
     # a 429 pauses all sending for 1.5 s; user 7 changes 5 times meanwhile
     fake_api.script(429, headers={"Retry-After": "1.5"})
-    await conn.execute(
-        "UPDATE users SET name = 'trigger', updated_at = clock_timestamp() WHERE id = 1"
-    )
+    await conn.execute("UPDATE users SET name = 'trigger', updated_at = clock_timestamp() WHERE id = 1")
     await fake_api.wait_for(lambda api: any(r.status == 429 for r in api.requests), timeout=10)
     for n in range(5):
-        await conn.execute(
-            "UPDATE users SET name = $1, updated_at = clock_timestamp() WHERE id = 7", f"v{n}"
-        )
+        await conn.execute("UPDATE users SET name = $1, updated_at = clock_timestamp() WHERE id = 7", f"v{n}")
         await asyncio.sleep(0.05)
     await fake_api.wait_for(lambda api: api.state["user7@example.com"]["name"] == "v4", timeout=15)
     await asyncio.sleep(1.0)  # a few more polls: nothing else may go out for user 7
@@ -111,24 +107,44 @@ async def test_late_commit_within_lookback_arrives(
     try:
         tx = late.transaction()
         await tx.start()
-        await late.execute(
-            "UPDATE users SET name = 'late', updated_at = clock_timestamp() WHERE id = 5"
-        )
+        await late.execute("UPDATE users SET name = 'late', updated_at = clock_timestamp() WHERE id = 5")
         await asyncio.sleep(0.6)  # longer than a poll
-        await conn.execute(
-            "UPDATE users SET name = 'newer', updated_at = clock_timestamp() WHERE id = 6"
-        )
-        await fake_api.wait_for(
-            lambda api: api.state["user6@example.com"]["name"] == "newer", timeout=10
-        )
+        await conn.execute("UPDATE users SET name = 'newer', updated_at = clock_timestamp() WHERE id = 6")
+        await fake_api.wait_for(lambda api: api.state["user6@example.com"]["name"] == "newer", timeout=10)
         cursor = await conn.fetchval("SELECT updated_at FROM usersync.cursors WHERE lane = 'live'")
         late_stamp = await late.fetchval("SELECT updated_at FROM users WHERE id = 5")
         assert late_stamp < cursor  # the cursor has passed the uncommitted row
         await tx.commit()
     finally:
         await late.close()
-    await fake_api.wait_for(
-        lambda api: api.state["user5@example.com"]["name"] == "late", timeout=10
-    )
+    await fake_api.wait_for(lambda api: api.state["user5@example.com"]["name"] == "late", timeout=10)
     assert await daemon.stop() == 0
     await wait_in_sync(conn, fake_api, timeout=5)
+
+
+async def test_updated_at_moving_backwards_is_still_synced(
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApi,
+    seed: Any,
+    make_config: Callable[..., Path],
+    spawn: Any,
+) -> None:
+    """A row whose updated_at goes backwards (clock skew, a late commit) is sent again, once,
+    and no empty batches spin while its old updated_at is still ahead."""
+    await seed(conn, 20)
+    daemon = await spawn(make_config(database_url, fake_api.url, **fast()))
+    await fake_api.wait_for(lambda api: len(api.state) == 20, timeout=30)
+    await conn.execute(
+        "UPDATE users SET name = 'v1', updated_at = clock_timestamp() + interval '5 minutes' WHERE id = 3"
+    )
+    await fake_api.wait_for(lambda api: api.state["user3@example.com"]["name"] == "v1", timeout=10)
+    await conn.execute("UPDATE users SET name = 'v2', updated_at = clock_timestamp() WHERE id = 3")
+    await fake_api.wait_for(lambda api: api.state["user3@example.com"]["name"] == "v2", timeout=10)
+    batches = await conn.fetchval("SELECT count(*) FROM usersync.batches")
+    await asyncio.sleep(1.0)  # five polls
+    rows = await conn.fetch("SELECT id, status, user_ids, lane, created_at FROM usersync.batches ORDER BY id")
+    assert len(rows) - batches <= 1, [dict(r) for r in rows]
+    assert fake_api.sends["user3@example.com"] == 3
+    assert await daemon.stop() == 0
+    await assert_in_sync(conn, fake_api)

@@ -66,9 +66,7 @@ async def test_hostile_schema_name_is_quoted_not_executed(conn: asyncpg.Connecti
 def test_quote_ident() -> None:
     """Identifiers are double-quoted with inner quotes doubled; schema-qualified names too."""
     assert db.quote_ident('a"b') == '"a""b"'
-    assert (
-        db.qualified("public", 'users"; DROP TABLE x; --') == '"public"."users""; DROP TABLE x; --"'
-    )
+    assert db.qualified("public", 'users"; DROP TABLE x; --') == '"public"."users""; DROP TABLE x; --"'
     with pytest.raises(ValueError):
         db.quote_ident("")
 
@@ -77,6 +75,10 @@ def test_redact_dsn() -> None:
     """A DSN's password never reaches a log line."""
     assert db.redact_dsn("postgresql://u:secret@h:5432/d") == "postgresql://u:***@h:5432/d"
     assert db.redact_dsn("postgresql://u@h/d") == "postgresql://u@h/d"
+    assert (
+        db.redact_dsn("postgresql://u@h/d?sslmode=require&password=pw")
+        == "postgresql://u@h/d?sslmode=require&password=***"
+    )
 
 
 async def test_cli_migrate_twice(

@@ -63,6 +63,8 @@ async def test_inspect_names_what_is_missing(conn: asyncpg.Connection, seed: Any
         await source.inspect(conn, SourceConfig(filter="no_such_column IS NULL"))
     src = await source.inspect(conn, SourceConfig(filter="id > 0"))
     assert src.id_type == "bigint" and src.has_keyset_index
+    await conn.execute("ALTER TABLE users ALTER COLUMN updated_at TYPE timestamp(6) without time zone")
+    assert (await source.inspect(conn, SourceConfig())).id_type == "bigint"  # Rails' default type
 
 
 async def test_backfill_pages_through_rows_sharing_one_updated_at(
@@ -79,9 +81,7 @@ async def test_backfill_pages_through_rows_sharing_one_updated_at(
     result = await service.poll_once()
     assert result.staged == 12_000 and result.caught_up
     assert (
-        await conn.fetchval(
-            "SELECT count(DISTINCT user_id) FROM usersync.sync_state WHERE lane = 1"
-        )
+        await conn.fetchval("SELECT count(DISTINCT user_id) FROM usersync.sync_state WHERE lane = 1")
         == 12_000
     )
     again = await service.poll_once()
@@ -119,9 +119,7 @@ async def test_live_lane_rescans_lookback_and_outranks_backfill(
     )
     await service.init_cursors()
     await service.poll_once()
-    await conn.execute(
-        "UPDATE users SET name = 'live', updated_at = clock_timestamp() WHERE id = 50"
-    )
+    await conn.execute("UPDATE users SET name = 'live', updated_at = clock_timestamp() WHERE id = 50")
     await service.poll_once()
     row = await conn.fetchrow("SELECT lane, dirty FROM usersync.sync_state WHERE user_id = '50'")
     assert row["lane"] == 0 and row["dirty"]

@@ -388,9 +388,7 @@ async def test_send_logs_failures_as_warnings_with_the_cause(
 
 
 @pytest.mark.parametrize("auth", ["bearer", "basic", "header:X-Api-Key"])
-async def test_the_key_never_leaves(
-    auth: str, respx_mock: respx.MockRouter, logs: list[str]
-) -> None:
+async def test_the_key_never_leaves(auth: str, respx_mock: respx.MockRouter, logs: list[str]) -> None:
     """A 401 echoing the key yields an outcome, logs and repr without it (G9)."""
     key = "SECRET-KEY-123"
 

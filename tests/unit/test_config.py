@@ -63,9 +63,7 @@ def test_environment_overrides_file_and_flags_override_environment(tmp_path: Pat
     assert config.api.url == "https://env.example.com"
     assert config.api.key.get_secret_value() == "env-key"
     assert config.database.url == "postgresql://env@db/app"
-    flagged = load_config(
-        path, environ=environ, overrides={"database.url": "postgresql://flag@db/x"}
-    )
+    flagged = load_config(path, environ=environ, overrides={"database.url": "postgresql://flag@db/x"})
     assert flagged.database.url == "postgresql://flag@db/x"
 
 
@@ -82,6 +80,18 @@ def test_key_file_is_read_and_never_shown(tmp_path: Path) -> None:
     assert "file-secret-987" not in repr(config)
     assert "file-secret-987" not in str(config)
     assert "file-secret-987" in config.secrets
+
+
+def test_key_with_a_trailing_newline_is_stripped(tmp_path: Path) -> None:
+    """A key from an environment variable or file with a trailing newline works as the key."""
+    config = load_config(write(tmp_path, GOOD), environ={"USER_API_KEY": "env-key\n"})
+    assert config.api.require_key() == "env-key"
+
+
+def test_password_as_a_query_parameter_is_a_secret(tmp_path: Path) -> None:
+    """?password= in database.url is redacted like the key."""
+    path = write(tmp_path, GOOD.replace("localhost:5432/app", "localhost:5432/app?password=qp-999"))
+    assert "qp-999" in load_config(path, environ={}).secrets
 
 
 def test_database_password_is_a_secret(tmp_path: Path) -> None:
@@ -131,12 +141,17 @@ BAD_CASES = [
     ("bad log format", GOOD + '[log]\nformat = "xml"\n', "log.format", "json"),
     ("bad listen", GOOD + '[http]\nlisten = "nowhere"\n', "http.listen", "HOST:PORT"),
     ("no email field", GOOD + '[source]\nfields = { name = "name" }\n', "source.fields", "email"),
+    (
+        "field both value and parent",
+        GOOD + '[source]\nfields = { email = "email", cf = "a", "cf.plan" = "b" }\n',
+        "source.fields",
+        "both a value and the parent",
+    ),
+    ("key with a space", GOOD.replace('key = "k-123"', 'key = "k 123"'), "api.key", "printable ASCII"),
 ]
 
 
-@pytest.mark.parametrize(
-    ("case", "text", "key", "problem"), BAD_CASES, ids=[c[0] for c in BAD_CASES]
-)
+@pytest.mark.parametrize(("case", "text", "key", "problem"), BAD_CASES, ids=[c[0] for c in BAD_CASES])
 def test_bad_config_is_one_line_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, text: str, key: str, problem: str
 ) -> None:

@@ -38,9 +38,7 @@ async def client(fake: FakeApi) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-async def test_accepts_batch_applies_state_and_counts_sends(
-    fake: FakeApi, client: httpx.AsyncClient
-) -> None:
+async def test_accepts_batch_applies_state_and_counts_sends(fake: FakeApi, client: httpx.AsyncClient) -> None:
     """A valid batch gets 202 {}, lands in state (last write wins) and bumps sends."""
     r = await client.post(PATH, json=batch("a@x.io", "b@x.io", name="Ann"))
     assert (r.status_code, r.json()) == (202, {})
@@ -70,9 +68,7 @@ async def test_accepts_batch_applies_state_and_counts_sends(
         ("header:X-Api-Key", {"X-Api-Key": "K"}, {"X-Api-Key": "k"}),
     ],
 )
-async def test_auth_modes_accept_right_and_reject_wrong_or_missing(
-    auth: str, good: Any, bad: Any
-) -> None:
+async def test_auth_modes_accept_right_and_reject_wrong_or_missing(auth: str, good: Any, bad: Any) -> None:
     """Each auth mode accepts its own credential and answers 401 to a wrong or missing one."""
     async with FakeApi(api_key="K", auth=auth) as api, httpx.AsyncClient(base_url=api.url) as c:
 
@@ -213,9 +209,7 @@ async def test_invalid_batch_is_422(content: bytes) -> None:
     assert api.state == {} and api.accepted == 0
 
 
-async def test_reject_emails_names_each_offending_index(
-    fake: FakeApi, client: httpx.AsyncClient
-) -> None:
+async def test_reject_emails_names_each_offending_index(fake: FakeApi, client: httpx.AsyncClient) -> None:
     """Emails in reject_emails give 422 naming index and email; nothing of that request lands."""
     fake.reject_emails = {"bad@x.io", "worse@x.io"}
     r = await client.post(PATH, json=batch("ok@x.io", "bad@x.io", "ok2@x.io", "worse@x.io"))
@@ -229,9 +223,7 @@ async def test_reject_emails_names_each_offending_index(
     assert fake.state == {}
 
 
-async def test_concurrent_update_of_one_subscriber_is_409(
-    fake: FakeApi, client: httpx.AsyncClient
-) -> None:
+async def test_concurrent_update_of_one_subscriber_is_409(fake: FakeApi, client: httpx.AsyncClient) -> None:
     """While a request holding a@ is in flight (latency), another one with a@ gets 409."""
     fake.latency = 0.3
     first = asyncio.create_task(client.post(PATH, json=batch("a@x.io", name="first")))
@@ -247,9 +239,7 @@ async def test_concurrent_update_of_one_subscriber_is_409(
     assert (await client.post(PATH, json=batch("a@x.io"))).status_code == 202
 
 
-async def test_request_ids_returned_and_clients_recorded(
-    fake: FakeApi, client: httpx.AsyncClient
-) -> None:
+async def test_request_ids_returned_and_clients_recorded(fake: FakeApi, client: httpx.AsyncClient) -> None:
     """Every answer has the fake's own X-Request-Id; the client's id and headers are recorded."""
     wall = time.time()
     ok = await client.post(PATH, json=batch("a@x.io"), headers={"X-Request-Id": "cli-1"})

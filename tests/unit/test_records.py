@@ -101,9 +101,7 @@ def test_validate_returns_the_payload_of_a_good_row() -> None:
 @pytest.mark.parametrize("email", [None, "", "   "])
 def test_validate_reports_a_missing_email(email: str | None) -> None:
     """A null or blank email is 'missing'."""
-    assert records.validate("7", row(email=email), FIELDS) == records.Invalid(
-        "7", "email", "missing"
-    )
+    assert records.validate("7", row(email=email), FIELDS) == records.Invalid("7", "email", "missing")
 
 
 @pytest.mark.parametrize(

@@ -34,10 +34,12 @@ RETURNING id, user_ids;
 
 -- requeue_users --
 -- The users wait again, in the live lane (replays go first), to be read and sent as they are now.
-INSERT INTO {schema}.sync_state AS s (user_id, seen_updated_at, dirty, lane)
-SELECT u, '-infinity', true, 0 FROM unnest($1::text[]) AS u
+INSERT INTO {schema}.sync_state AS s (user_id, seen_updated_at, dirty, lane, stage_seq)
+SELECT u, '-infinity', true, 0, 1 FROM unnest($1::text[]) AS u
+ORDER BY u  -- user_id order, as every writer of sync_state
 ON CONFLICT (user_id) DO UPDATE
-SET dirty = true, lane = 0, dirty_since = clock_timestamp(), sent_hash = NULL;
+SET dirty = true, lane = 0, dirty_since = clock_timestamp(), sent_hash = NULL,
+    stage_seq = s.stage_seq + 1;
 
 -- history --
 -- The request log, newest first ($1 since or NULL, $2 at most this many rows).

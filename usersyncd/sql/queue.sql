@@ -5,8 +5,12 @@
 -- Is there anything a worker could send now? (ready users, or a released / abandoned batch)
 SELECT EXISTS (SELECT 1 FROM {schema}.sync_state WHERE dirty AND batch_id IS NULL)
     OR EXISTS (SELECT 1 FROM {schema}.batches
-               WHERE queue = $1 AND ((status = 'pending' AND coalesce(not_before, '-infinity') <= clock_timestamp())
-                                  OR (status = 'claimed' AND lease_until < clock_timestamp())));
+               WHERE queue = $1 AND coalesce(not_before, '-infinity') <= clock_timestamp()
+                 AND (status = 'pending' OR (status = 'claimed' AND lease_until < clock_timestamp())));
+
+-- has_ready --
+-- Is any user waiting to be taken into a batch?
+SELECT EXISTS (SELECT 1 FROM {schema}.sync_state WHERE dirty AND batch_id IS NULL);
 
 -- has_live_ready --
 -- Is a user of the live lane waiting? (they are not held to the backfill's pace)
@@ -24,7 +28,8 @@ WHERE b.id = (
     SELECT id FROM {schema}.batches
     WHERE queue = $1
       AND ((status = 'pending' AND coalesce(not_before, '-infinity') <= clock_timestamp())
-        OR (status = 'claimed' AND lease_until < clock_timestamp()))
+        OR (status = 'claimed' AND lease_until < clock_timestamp()
+            AND coalesce(not_before, '-infinity') <= clock_timestamp()))
     ORDER BY lane, id
     LIMIT 1
     FOR UPDATE SKIP LOCKED
@@ -54,33 +59,38 @@ UPDATE {schema}.sync_state s SET batch_id = $1
 FROM picked WHERE s.user_id = picked.user_id
 RETURNING s.user_id, s.lane, s.sent_hash;
 
--- batch_hashes --
--- What the API last accepted for the users of a batch being retried.
-SELECT user_id, sent_hash FROM {schema}.sync_state WHERE user_id = ANY($1::text[]);
+-- user_state --
+-- What the API last accepted for these users, and how often each was staged (read before
+-- their rows, so a staging after the read leaves them dirty).
+SELECT user_id, sent_hash, stage_seq FROM {schema}.sync_state WHERE user_id = ANY($1::text[]);
+
+-- lock_users --
+-- Lock these users' rows in user_id order, the order every writer of sync_state uses (no deadlock).
+SELECT 1 FROM {schema}.sync_state WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE;
 
 -- set_members --
 -- The users the batch will carry (after dropping the unchanged, invalid and missing).
 UPDATE {schema}.batches SET user_ids = $2::text[], lane = coalesce($3, lane) WHERE id = $1;
 
 -- drop_users --
--- Users leaving a batch unsent (unchanged, invalid, missing): they wait again only if the
--- poller has seen a newer version than the one just read ($2: user ids, $3: updated_at read;
--- NULL for a user whose row is gone or filtered out, which waits no more).
+-- Users leaving a batch unsent (unchanged, invalid, missing): they wait again only if they
+-- were staged again since they were read ($2: user ids, $3: stage_seq when read).
 UPDATE {schema}.sync_state s
 SET batch_id = NULL,
-    dirty = s.seen_updated_at > coalesce(r.read_at, 'infinity')
-FROM unnest($2::text[], $3::timestamptz[]) AS r(user_id, read_at)
+    dirty = s.stage_seq > r.seq
+FROM unnest($2::text[], $3::bigint[]) AS r(user_id, seq)
 WHERE s.user_id = r.user_id AND s.batch_id = $1;
 
 -- mark_sent --
--- The API accepted these users with these contents ($2 ids, $3 hashes, $4 updated_at read).
+-- The API accepted these users with these contents ($2 ids, $3 hashes, $4 updated_at read,
+-- $5 stage_seq when read): they wait again only if staged again since.
 UPDATE {schema}.sync_state s
 SET batch_id = NULL,
     sent_hash = r.hash,
     sent_updated_at = r.read_at,
     sent_at = clock_timestamp(),
-    dirty = s.seen_updated_at > r.read_at
-FROM unnest($2::text[], $3::bytea[], $4::timestamptz[]) AS r(user_id, hash, read_at)
+    dirty = s.stage_seq > r.seq
+FROM unnest($2::text[], $3::bytea[], $4::timestamptz[], $5::bigint[]) AS r(user_id, hash, read_at, seq)
 WHERE s.user_id = r.user_id AND s.batch_id = $1;
 
 -- resolve_failures --
@@ -117,6 +127,13 @@ UPDATE {schema}.batches
 SET status = 'pending', claimed_by = NULL, lease_until = NULL,
     not_before = greatest(coalesce(not_before, '-infinity'), clock_timestamp() + make_interval(secs => $2))
 WHERE (claimed_by = $1 OR starts_with(claimed_by, $1 || '/')) AND status = 'claimed';
+
+-- hold_batch --
+-- Just before a request: the batch is still this worker's (not taken over after its lease ran
+-- out); its lease is renewed. No row: someone else has it now.
+UPDATE {schema}.batches SET lease_until = clock_timestamp() + make_interval(secs => $3)
+WHERE id = $1 AND claimed_by = $2 AND status = 'claimed'
+RETURNING id;
 
 -- renew_leases --
 -- This process is alive: extend the leases of the batches its workers hold.
