@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
+
 from usersyncd import __version__, config, db, log
 from usersyncd.errors import ConfigError, UserSyncError
 
@@ -193,6 +195,13 @@ def cmd_history(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def _forget_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ids", nargs="+", type=int, metavar="ID", help="failure ids (see `usersyncd failed`)")
 
@@ -222,7 +231,7 @@ def _history_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--limit",
-        type=int,
+        type=_positive,
         default=1000,
         help="at most this many rows (newest first; default 1000)",
     )
@@ -316,6 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except UserSyncError as exc:
         print(f"usersyncd: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (asyncpg.PostgresError, *db.CONNECTION_ERRORS) as exc:
+        # a database problem no module translated: one line, never a traceback
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"usersyncd: database error: {db.redact_dsn(first)}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

@@ -79,14 +79,17 @@ class Queue:
         batch.user_ids = list(user_ids)
         await self.pool.execute(self.sql["set_members"], batch.id, batch.user_ids, lane)
 
-    async def drop_users(self, batch: Batch, seqs: dict[str, int]) -> None:
-        """Users leave the batch unsent; they wait again only if staged again since read."""
+    async def drop_users(self, batch: Batch, seqs: dict[str, int], *, gone: Sequence[str] = ()) -> None:
+        """Users leave the batch unsent; they wait again only if staged again since read.
+        `gone`: those whose rows are gone; a replay of their failures ends with that."""
         if not seqs:
             return
         ids = sorted(seqs)
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(self.sql["lock_users"], ids)
             await conn.execute(self.sql["drop_users"], batch.id, ids, [seqs[u] for u in ids])
+            if gone:
+                await conn.execute(self.sql["gone_after_replay"], list(gone))
 
     async def mark_sent(self, batch: Batch, sent: Sequence[tuple[str, bytes, datetime, int]]) -> None:
         """The API accepted these (user id, hash, updated_at read, stage_seq read): remember

@@ -235,6 +235,7 @@ class SyncUserBatch:
             rows = await self.source.fetch(conn, user_ids)
         members: list[Member] = []
         dropped: dict[str, int] = {}
+        gone: list[str] = []
         for n, user_id in enumerate(user_ids):
             if n % YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # validation is CPU work: let a request in flight go out
@@ -242,6 +243,7 @@ class SyncUserBatch:
             row = rows.get(user_id)
             if row is None:  # deleted, or no longer passes the filter
                 dropped[user_id] = seq
+                gone.append(user_id)
                 continue
             result = records.validate(user_id, row.values, self.config.source.fields)
             if isinstance(result, records.Invalid):
@@ -259,7 +261,7 @@ class SyncUserBatch:
                 dropped[user_id] = seq
                 continue
             members.append(Member(user_id, result, digest, row.updated_at, seq))
-        await self.queue.drop_users(batch, dropped)
+        await self.queue.drop_users(batch, dropped, gone=gone)
         return members
 
     async def _deliver(self, state: _State, slot: Slot, members: list[Member], attempt_no: int) -> None:

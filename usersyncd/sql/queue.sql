@@ -81,6 +81,13 @@ SET batch_id = NULL,
 FROM unnest($2::text[], $3::bigint[]) AS r(user_id, seq)
 WHERE s.user_id = r.user_id AND s.batch_id = $1;
 
+-- gone_after_replay --
+-- Replayed failures of users whose rows are gone (deleted, or filtered out): nothing to send.
+UPDATE {schema}.failures
+SET replay_outcome = 'user gone', resolved_at = clock_timestamp(), resolution = 'replayed'
+WHERE resolved_at IS NULL AND replayed_at IS NOT NULL AND replay_outcome IS NULL
+  AND user_ids <@ $1::text[];
+
 -- mark_sent --
 -- The API accepted these users with these contents ($2 ids, $3 hashes, $4 updated_at read,
 -- $5 stage_seq when read): they wait again only if staged again since.
