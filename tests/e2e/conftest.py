@@ -28,7 +28,7 @@ class DaemonProcess:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> DaemonProcess:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
+        self._log = open(self.log_path, "ab")
         env = {k: v for k, v in os.environ.items() if k not in ("USER_API_KEY", "USER_API_URL", "USERSYNCD_DATABASE_URL")}
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "usersyncd", *self.args, "--config", str(self.config),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -63,7 +65,9 @@ async def open_failure_users(conn: asyncpg.Connection) -> set[str]:
 async def assert_in_sync(conn: asyncpg.Connection, api: FakeApi) -> None:
     """G3: every valid user's latest state is at the API; every invalid one has an open failure."""
     valid, invalid = await expected_state(conn)
-    wrong = {email: (api.state.get(email), want) for email, want in valid.items() if api.state.get(email) != want}
+    wrong = {
+        email: (api.state.get(email), want) for email, want in valid.items() if api.state.get(email) != want
+    }
     assert not wrong, f"{len(wrong)} users differ, e.g. {list(wrong.items())[:3]}"
     missing = invalid - await open_failure_users(conn)
     assert not missing, f"invalid users without an open failure: {sorted(missing)[:5]}"
@@ -118,3 +122,14 @@ class Completions:
                 if shared:
                     found.append((i, j, sorted(shared)[:3]))
         return found
+
+
+async def usersyncd(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run a `usersyncd` operator command to completion (in a thread: the fake API keeps serving)."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "usersyncd", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

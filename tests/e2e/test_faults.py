@@ -38,7 +38,7 @@ async def wait_for_rows(
     conn: asyncpg.Connection,
     sql: str,
     count: int,
-    timeout: float,  # noqa: ASYNC109 -- a plain poll loop, like FakeApi.wait_for
+    timeout: float,
 ) -> list[asyncpg.Record]:
     """Poll `sql` until it returns at least `count` rows."""
     loop = asyncio.get_running_loop()

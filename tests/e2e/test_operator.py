@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from helpers import fast
+from helpers import fast, usersyncd
 
 from usersyncd.fakeapi import FakeApi
 
@@ -27,16 +26,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-async def usersyncd(*args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "usersyncd", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 async def test_health_readiness_and_metrics(

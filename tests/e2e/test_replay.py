@@ -4,29 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from helpers import assert_in_sync, fast
+from helpers import assert_in_sync, fast, usersyncd
 
 from usersyncd.fakeapi import FakeApi
 
 pytestmark = [pytest.mark.e2e, pytest.mark.db]
-
-
-async def usersyncd(*args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "usersyncd", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 async def run_once(spawn: Any, config: Path) -> None:
