@@ -262,6 +262,8 @@ class SyncUserBatch:
                 continue
             members.append(Member(user_id, result, digest, row.updated_at, seq))
         await self.queue.drop_users(batch, dropped, gone=gone)
+        if dropped:  # they are no longer the batch's
+            batch.user_ids = [u for u in batch.user_ids if u not in dropped]
         return members
 
     async def _deliver(self, state: _State, slot: Slot, members: list[Member], attempt_no: int) -> None:
@@ -356,7 +358,13 @@ class SyncUserBatch:
                 await self._deliver(state, slot, part, attempt_no)
                 return
             except _SendAgain:
-                continue
+                # after a pause the rows may have changed: read the part again (G3, G4)
+                assert state.batch is not None
+                part = await self._prepare(state.batch, [m.user_id for m in part])
+                if not part:
+                    if not state.batch.user_ids:
+                        await self.queue.finish(state.batch, "done")
+                    return
 
     async def _dead_letter(
         self, batch: Batch, kind: str, members: Sequence[Member], outcome: api.Outcome, attempt_no: int
