@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -364,6 +363,3 @@ async def _wait_any(*events: asyncio.Event, timeout: float) -> None:
 
 async def run(config: Config, *, once: bool = False) -> int:
     return await Daemon(config, once=once).run()
-
-
-Runner = Callable[[], Awaitable[int]]

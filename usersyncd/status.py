@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from usersyncd import db
+from usersyncd import db, source
 from usersyncd.config import Config
 from usersyncd.queue import Queue
 from usersyncd.quota import Quota
@@ -114,8 +114,6 @@ async def _unstaged(conn: asyncpg.Connection, config: Config, cursor: dict[str, 
     """Source rows between the backfill cursor and its end (an index range count)."""
     if cursor is None or cursor["done"]:
         return None
-    from usersyncd import source
-
     src = await source.inspect(conn, config.source)
     upd, uid = (
         db.quote_ident(config.source.updated_at_column),
