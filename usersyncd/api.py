@@ -7,7 +7,6 @@ happened (SPEC §2's table), and never lets the API key out (G9).
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import datetime
 import email.utils
@@ -24,13 +23,14 @@ import httpx
 from loguru import logger
 
 import usersyncd.config
+import usersyncd.log
 
 BODY_EXCERPT = 2048  # characters of a failed response kept for the failures table
 LOG_EXCERPT = 200  # characters of the cause on a log line
 MAX_BODY = 1024 * 1024  # bytes read from a response; the rest is dropped unread
 EPOCH_THRESHOLD = 1e9  # X-RateLimit-Reset above this is a Unix time, below it a delay
 EPOCH_MS_THRESHOLD = 1e12  # above this, a Unix time in milliseconds
-REDACTED = "***"
+REDACTED = usersyncd.log.REDACTED
 _RESPONSE_ID_HEADERS = ("x-request-id", "x-amzn-requestid", "request-id")
 
 
@@ -107,9 +107,9 @@ class ExternalUserApi:
         else:
             headers[config.auth.removeprefix("header:")] = key
         self._config = config
-        # the key as sent on the wire too, in case the API echoes the Authorization header
-        basic = base64.b64encode(f"{key}:".encode()).decode("ascii")
-        self._secrets = (key, basic)
+        # the key in every form an API may echo it (as sent in a basic Authorization header,
+        # JSON-escaped PHP-style, percent-encoded): what it says goes to the log and `failures`
+        self._redact = usersyncd.log.Redactor([key])
         self._client = httpx.AsyncClient(
             base_url=config.url,
             timeout=config.timeout,
@@ -223,11 +223,6 @@ class ExternalUserApi:
         # NUL cannot be stored in a PostgreSQL text column
         text = self._redact(content.decode("utf-8", errors="replace")).replace("\x00", "\ufffd")
         return text[:BODY_EXCERPT] or None
-
-    def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, REDACTED)
-        return text
 
     def _log(self, outcome: Outcome, *, batch_id: int | None, attempt: int | None, users: int) -> None:
         fields: dict[str, Any] = {

@@ -9,13 +9,15 @@ import argparse
 import asyncio
 import re
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+from loguru import logger
 
-from usersyncd import __version__, config, db, log
+from usersyncd import __version__, config, db, dsn, log
 from usersyncd.errors import ConfigError, UserSyncError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -37,13 +39,34 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def load(args: argparse.Namespace) -> config.Config:
-    """The configuration with flag overrides applied, and logging set up from it."""
+    """The configuration with flag overrides applied, and logging set up from it; what deserves
+    a warning is logged once, at start."""
     overrides: dict[str, Any] = dict(config.parse_assignment(a) for a in args.assignments)
     if args.database_url:
         overrides["database.url"] = args.database_url
     loaded = config.load_config(args.config, overrides=overrides)
     log.configure(loaded.log.level, loaded.log.format, secrets=loaded.secrets)
+    for warning in [*loaded.warnings(), *_secrets_on_command_line(args)]:
+        logger.warning(warning)
     return loaded
+
+
+def _secrets_on_command_line(args: argparse.Namespace) -> list[str]:
+    """Secrets given as arguments: every local user reads them in `ps` (/proc/PID/cmdline)."""
+    found = []
+    flags = [("--database-url", args.database_url)] if args.database_url else []
+    flags += [(f"--set {key}", value) for key, value in map(config.parse_assignment, args.assignments)]
+    for flag, value in flags:
+        if flag == "--set api.key" and value:
+            where = "api.key_file or USER_API_KEY"
+        elif flag in ("--database-url", "--set database.url") and dsn.has_password(str(value)):
+            where = "a PGPASSFILE or USERSYNCD_DATABASE_URL"
+        else:
+            continue
+        found.append(
+            f"{flag} puts a secret on the command line, readable by every local user in `ps`; use {where}"
+        )
+    return found
 
 
 async def _migrate(cfg: config.Config) -> int:
@@ -321,15 +344,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except ConfigError as exc:
-        print(f"usersyncd: config error: {exc}", file=sys.stderr)
+        print(f"usersyncd: config error: {_safe(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except UserSyncError as exc:
-        print(f"usersyncd: {exc}", file=sys.stderr)
+        print(f"usersyncd: {_safe(str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
     except (asyncpg.PostgresError, *db.CONNECTION_ERRORS) as exc:
         # a database problem no module translated: one line, never a traceback
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"usersyncd: database error: {db.redact_dsn(first)}", file=sys.stderr)
+        print(f"usersyncd: database error: {_safe(first)}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    except Exception:
+        # a bug: the traceback helps, but never with a secret in it (G9)
+        print(_safe(traceback.format_exc()), end="", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _safe(text: str) -> str:
+    """`text` without the key or a database password (those known once the config loaded)."""
+    return log.redact(db.redact_dsn(text))

@@ -6,15 +6,18 @@ Precedence: command-line flag > environment > file > default. Every problem beco
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -24,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from usersyncd import dsn
 from usersyncd.errors import ConfigError
 
 # The names operators already use (ORIGIN.md), then ours.
@@ -34,26 +38,71 @@ ENV_OVERRIDES = {
 }
 
 MAX_BATCH_SIZE = 1000  # subscribers per request, the API's hard limit
+# Ten years: far beyond any sane duration, far inside what a timestamp or an interval can hold
+# (1e300 s passed validation and crashed `run` with DatetimeFieldOverflowError).
+MAX_SECONDS = 10 * 365 * 86400
+MAX_DAYS = 10 * 365
+MAX_REQUESTS = 1_000_000  # per window; the poller reads 2 x requests x batch_size rows ahead
+SHORT_KEY = 8  # an API key shorter than this is unusual (and redacted only as a whole word)
+SECRET_SETTINGS = ("api.key", "database.url", "api.url")  # never read as TOML numbers or echoed
 
-Seconds = Annotated[float, Field(gt=0)]
-SecondsOrZero = Annotated[float, Field(ge=0)]
+
+def _at_most(limit: float, unit: str) -> Any:
+    def check(value: float) -> float:
+        if value > limit:
+            raise ValueError(f"must be at most {limit:,.0f} {unit} (10 years)")
+        return value
+
+    return AfterValidator(check)
+
+
+# Durations: finite (TOML has inf and nan) and at most ten years.
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False), _at_most(MAX_SECONDS, "seconds")]
+SecondsOrZero = Annotated[float, Field(ge=0, allow_inf_nan=False), _at_most(MAX_SECONDS, "seconds")]
+
+
+def _nul_free(value: Any) -> bool:
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, str | Path):
+        return "\x00" not in str(value)
+    if isinstance(value, dict):
+        return all(_nul_free(key) and _nul_free(item) for key, item in value.items())
+    return True
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # PostgreSQL cannot hold a NUL in a name or a text parameter
+        if not _nul_free(value):
+            raise ValueError("must not contain a NUL character")
+        return value
+
 
 class DatabaseConfig(_Section):
     url: str = Field(min_length=1, repr=False)  # may hold a password
-    state_schema: str = Field(default="usersync", min_length=1, max_length=63)
-    retention_days: float = Field(default=7, gt=0)
+    state_schema: str = Field(default="usersync", min_length=1)
+    retention_days: Annotated[float, Field(gt=0, allow_inf_nan=False), _at_most(MAX_DAYS, "days")] = 7
 
     @field_validator("url")
     @classmethod
     def _postgres_url(cls, url: str) -> str:
-        if not url.startswith(("postgresql://", "postgres://")):
-            raise ValueError("must be a postgresql:// URL")
+        # the message never quotes the URL: it may hold the password
+        problem = dsn.problem(url)
+        if problem:
+            raise ValueError(problem)
         return url
+
+    @field_validator("state_schema")
+    @classmethod
+    def _schema_name(cls, name: str) -> str:
+        if len(name.encode()) > 63:  # PostgreSQL would cut a longer name silently
+            raise ValueError("must be at most 63 bytes")
+        return name
 
 
 class SourceConfig(_Section):
@@ -129,9 +178,29 @@ class ApiConfig(_Section):
     @field_validator("url")
     @classmethod
     def _http_url(cls, url: str) -> str:
+        # no message quotes the URL: what is wrong with it may be a credential
         if not re.match(r"^https?://[^/\s]+", url):
             raise ValueError("must be an http:// or https:// URL")
+        parts = urllib.parse.urlsplit(url)
+        if "@" in parts.netloc:
+            raise ValueError(
+                "credentials in the URL are not supported (they would show in status and logs):"
+                ' put the key in api.key or api.key_file, with api.auth = "basic" for HTTP basic'
+            )
+        if "?" in url or "#" in url:
+            raise ValueError(
+                "a query string is not supported (the batch path would be appended to it);"
+                " put credentials in api.key or api.key_file"
+            )
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ValueError("the port must be a number from 1 to 65535") from None
         return url.rstrip("/")
+
+    @property
+    def host(self) -> str:
+        return urllib.parse.urlsplit(self.url).hostname or ""
 
     @field_validator("batch_path")
     @classmethod
@@ -174,7 +243,7 @@ class ApiConfig(_Section):
 
 class LimitsConfig(_Section):
     batch_size: int = Field(default=MAX_BATCH_SIZE, ge=1, le=MAX_BATCH_SIZE)
-    requests: int = Field(default=50, ge=1)
+    requests: int = Field(default=50, ge=1, le=MAX_REQUESTS)
     window: Seconds = 3600.0
     margin: SecondsOrZero | None = None  # default: 1 % of the window
 
@@ -227,6 +296,10 @@ class HttpConfig(_Section):
         return listen
 
     @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
     def address(self) -> tuple[str, int] | None:
         if not self.listen:
             return None
@@ -246,13 +319,49 @@ class Config(_Section):
 
     @property
     def secrets(self) -> list[str]:
-        """Values that must never appear in output (G9)."""
-        found = [self.api.key.get_secret_value()]
-        for pattern in (r"//[^/:@]*:([^@/]+)@", r"[?&]password=([^&]+)"):
-            password = re.search(pattern, self.database.url)
-            if password:
-                found.append(password.group(1))
+        """Values that must never appear in output (G9): the key, every database password."""
+        found = [self.api.key.get_secret_value(), *dsn.passwords(self.database.url)]
         return [secret for secret in found if secret]
+
+    def warnings(self) -> list[str]:
+        """Settings that work but deserve a line at start, one line each."""
+        found = []
+        key = self.api.key.get_secret_value()
+        if key and len(key) < SHORT_KEY:
+            found.append(
+                f"api.key is only {len(key)} character{'s' if len(key) > 1 else ''}, unusual for an API key;"
+                " logs redact a key that short only where it stands as a whole word"
+            )
+        if self.api.url.startswith("http://") and not is_loopback(self.api.host):
+            found.append(
+                "api.url uses http:// to a host off this machine: the API key and every"
+                " subscriber travel unencrypted; use https://"
+            )
+        if self.http.listen and not is_loopback(self.http.host):
+            found.append(
+                f"http.listen {self.http.listen} is reachable from other machines:"
+                " /metrics and /readyz have no authentication"
+            )
+        assert self.limits.margin is not None
+        if self.api.timeout >= self.limits.margin:
+            found.append(
+                f"api.timeout ({self.api.timeout:g} s) is not below limits.margin"
+                f" ({self.limits.margin:g} s): the API counts a request when it arrives, and one"
+                " still uploading when its process dies can arrive a window after its slot (G1);"
+                " keep api.timeout below limits.margin"
+            )
+        return found
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) is this machine only."""
+    host = host.strip("[]").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load_config(
@@ -335,12 +444,18 @@ def _first_problem(exc: ValidationError) -> str:
 
 
 def parse_assignment(assignment: str) -> tuple[str, Any]:
-    """`section.key=value` from `--set`; the value is read as TOML, else taken as a string."""
+    """`section.key=value` from `--set`; the value is read as TOML, else taken as a string.
+    An error names the key only: the value may be a secret."""
     dotted, sep, raw = assignment.partition("=")
-    if not sep or "." not in dotted:
-        raise ConfigError(f"--set {assignment}: expected SECTION.KEY=VALUE")
+    if not sep:
+        raise ConfigError("--set: expected SECTION.KEY=VALUE (no '=' in the argument; not shown)")
+    dotted = dotted.strip()
+    if not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)+", dotted):
+        raise ConfigError(f"--set: expected SECTION.KEY=VALUE, not a key {dotted[:40]!r}")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
-    return dotted.strip(), value
+    if dotted in SECRET_SETTINGS and not isinstance(value, str):
+        value = raw  # a numeric key is still a string
+    return dotted, value

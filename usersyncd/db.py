@@ -12,6 +12,7 @@ from typing import TypeVar
 import asyncpg
 from loguru import logger
 
+from usersyncd import dsn
 from usersyncd.errors import DatabaseError
 
 T = TypeVar("T")
@@ -49,9 +50,9 @@ def qualified(schema: str, name: str) -> str:
 
 
 def redact_dsn(url: str) -> str:
-    """The database URL without its password (in the authority or as ?password=), for logs."""
-    url = re.sub(r"(//[^/:@]*):[^@/]*@", r"\1:***@", url)
-    return re.sub(r"([?&]password=)[^&]*", r"\1***", url)
+    """The database URL without its password (in the authority or as ?password=), for logs;
+    in other text, every such URL in it (see `dsn`: a malformed password is found too)."""
+    return dsn.redact(url)
 
 
 @cache

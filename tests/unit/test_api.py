@@ -406,3 +406,49 @@ async def test_the_key_never_leaves(auth: str, respx_mock: respx.MockRouter, log
     assert all(key not in str(value) for value in vars(outcome).values())
     assert logs and all(key not in line for line in logs)
     assert base64.b64encode(f"{key}:".encode()).decode() not in outcome.body_excerpt
+
+
+ODD_KEY = "Ab/cd+Ef=gh-123"  # characters JSON (PHP-style), percent and base64 encodings change
+
+
+@pytest.mark.parametrize(
+    "echoed",
+    [
+        ODD_KEY.replace("/", "\\/"),  # PHP's json_encode escapes '/'
+        "Ab%2Fcd%2BEf%3Dgh-123",
+        "Ab%2fcd%2bEf%3dgh-123",
+        base64.b64encode(ODD_KEY.encode()).decode(),
+        base64.b64encode(f"{ODD_KEY}:".encode()).decode(),  # the basic credential as sent
+    ],
+)
+async def test_an_echoed_key_in_any_encoding_never_reaches_the_excerpt_or_the_log(
+    echoed: str, respx_mock: respx.MockRouter, logs: list[str]
+) -> None:
+    """An API echoing the key JSON-escaped, percent-encoded or base64 in its body or request id:
+    the outcome's error and excerpt (what `failures.error` and the request log keep) and the log
+    line's error_excerpt hold *** instead (G9)."""
+    body = f'{{"error": "invalid key {echoed}", "key": "{echoed}"}}'.encode()
+    respx_mock.post(URL + PATH).mock(
+        return_value=httpx.Response(401, content=body, headers={"X-Request-Id": f"r-{echoed}"})
+    )
+    async with api.ExternalUserApi(api_config(key=SecretStr(ODD_KEY), auth="basic")) as instance:
+        outcome = await instance.send(SUBSCRIBERS)
+    stored = " ".join(str(value) for value in vars(outcome).values())
+    assert echoed not in stored and ODD_KEY not in stored
+    assert outcome.body_excerpt is not None and "invalid key ***" in outcome.body_excerpt
+    warning = next(r for r in records_of(logs) if r["message"] == "api request")
+    assert "***" in warning["extra"]["error_excerpt"]
+    assert all(echoed not in line and ODD_KEY not in line for line in logs)
+
+
+async def test_a_short_key_leaves_the_rest_of_the_answer_readable(respx_mock: respx.MockRouter) -> None:
+    """Issue 12: with key "k", the API's request id "fake-5" and its words stay as they are; the
+    key where it stands alone is still replaced."""
+    body = b'{"error": "unknown token k", "hint": "check the key"}'
+    respx_mock.post(URL + PATH).mock(
+        return_value=httpx.Response(401, content=body, headers={"X-Request-Id": "fake-5"})
+    )
+    async with api.ExternalUserApi(api_config(key=SecretStr("k"))) as instance:
+        outcome = await instance.send(SUBSCRIBERS)
+    assert outcome.response_request_id == "fake-5"
+    assert outcome.body_excerpt == '{"error": "unknown token ***", "hint": "check the key"}'

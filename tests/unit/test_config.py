@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from usersyncd import cli
+from usersyncd import cli, db, dsn
+from usersyncd import config as config_module
 from usersyncd.config import load_config
+from usersyncd.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = """
@@ -220,3 +223,319 @@ def test_help_works() -> None:
         )
         assert result.returncode == 0
         assert "usage: usersyncd" in result.stdout
+
+
+# --- items 9 and 10 of issue 7: secrets and bounds, each one line and exit 2 from the CLI ----
+
+UNREACHABLE = "postgresql://usersync@127.0.0.1:9/app"  # nothing listens: the old code exits 1
+PASSWORD = "Pw-777"
+CLEAN = GOOD.replace("postgresql://usersync@localhost:5432/app", UNREACHABLE)
+
+
+def with_db_url(url: str) -> str:
+    return CLEAN.replace(UNREACHABLE, url)
+
+
+def with_api_url(url: str) -> str:
+    return CLEAN.replace("https://api.example.com", url)
+
+
+CLI_CASES = [
+    # (case, config text, extra args, key named, problem named)
+    (
+        "password with /",
+        with_db_url(f"postgresql://usersync:{PASSWORD}/x@127.0.0.1:9/app"),
+        [],
+        "database.url",
+        "percent-encode",
+    ),
+    (
+        "password with @",
+        with_db_url(f"postgresql://usersync:{PASSWORD}@x@127.0.0.1:9/app"),
+        [],
+        "database.url",
+        "percent-encode",
+    ),
+    (
+        "password with ?",
+        with_db_url(f"postgresql://usersync:{PASSWORD}?x@127.0.0.1:9/app"),
+        [],
+        "database.url",
+        "percent-encode",
+    ),
+    (
+        "port not a number",
+        with_db_url(f"postgresql://usersync:{PASSWORD}@127.0.0.1:notaport/app"),
+        [],
+        "database.url",
+        "port",
+    ),
+    (
+        "URL missing its @: the password where the port goes",
+        with_db_url(f"postgresql://usersync:{PASSWORD}/app"),
+        [],
+        "database.url",
+        "port",
+    ),
+    (
+        "unclosed IPv6 bracket",
+        with_db_url(f"postgresql://usersync:{PASSWORD}@[::1/app"),
+        [],
+        "database.url",
+        "[",
+    ),
+    (
+        "sslmode=bogus",
+        with_db_url(f"postgresql://usersync:{PASSWORD}@127.0.0.1:9/app?sslmode=bogus"),
+        [],
+        "database.url",
+        "sslmode",
+    ),
+    (
+        "malformed query",
+        with_db_url(f"postgresql://usersync@127.0.0.1:9/app?password={PASSWORD}&&x"),
+        [],
+        "database.url",
+        "query",
+    ),
+    (
+        "bad URL from --database-url",
+        CLEAN,
+        ["--database-url", f"postgresql://usersync:{PASSWORD}/x@127.0.0.1:9/app"],
+        "database.url",
+        "percent-encode",
+    ),
+    (
+        "credentials in api.url",
+        with_api_url(f"https://user:{PASSWORD}@api.example.com"),
+        [],
+        "api.url",
+        "credentials",
+    ),
+    (
+        "query string in api.url",
+        with_api_url(f"https://api.example.com/v2?api_key={PASSWORD}"),
+        [],
+        "api.url",
+        "query string",
+    ),
+    (
+        "malformed --set never echoes its value",
+        CLEAN,
+        ["--set", f"apikey={PASSWORD}"],
+        "--set",
+        "SECTION.KEY=VALUE",
+    ),
+    (
+        "--set without =",
+        CLEAN,
+        ["--set", PASSWORD],
+        "--set",
+        "SECTION.KEY=VALUE",
+    ),
+    ("limits.window = inf", CLEAN + "[limits]\nwindow = inf\n", [], "limits.window", "finite"),
+    ("limits.window = nan", CLEAN + "[limits]\nwindow = nan\n", [], "limits.window", "finite"),
+    (
+        "retention_days = 1e300",
+        CLEAN.replace("[api]", "retention_days = 1e300\n[api]"),
+        [],
+        "database.retention_days",
+        "at most",
+    ),
+    ("retry_after = 1e300", CLEAN + "[queue]\nretry_after = 1e300\n", [], "queue.retry_after", "at most"),
+    (
+        "NUL in state_schema",
+        CLEAN.replace("[api]", 'state_schema = "a\\u0000b"\n[api]'),
+        [],
+        "database.state_schema",
+        "NUL",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "args", "key", "problem"), CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_check_rejects_with_one_line_and_exit_2(
+    tmp_path: Path, case: str, text: str, args: list[str], key: str, problem: str
+) -> None:
+    """`usersyncd check` (the real process): exit 2, one stderr line naming the key and the
+    problem, no traceback, and never the password (G9, G10)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "usersyncd", "check", "--config", str(write(tmp_path, text)), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, (case, output)
+    assert "Traceback" not in output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and not result.stdout, output
+    assert key in lines[0] and problem in lines[0], lines[0]
+    assert PASSWORD not in output and "k-123" not in output
+
+
+NUMERIC_CASES = [
+    (section, name, value)
+    for section, name, zero_is_bad in [
+        ("database", "retention_days", True),
+        ("source", "poll_interval", True),
+        ("source", "lookback", False),
+        ("api", "timeout", True),
+        ("limits", "window", True),
+        ("limits", "margin", False),
+        ("retry", "backoff", False),
+        ("queue", "retry_after", True),
+        ("queue", "shutdown_grace", False),
+    ]
+    for value in (float("inf"), float("-inf"), float("nan"), 1e300, -1.0, *([0.0] if zero_is_bad else []))
+] + [
+    ("limits", "requests", 0),
+    ("limits", "requests", 10**12),
+    ("limits", "batch_size", 0),
+    ("retry", "attempts", 0),
+    ("queue", "concurrency", 0),
+]
+
+
+@pytest.mark.parametrize(("section", "name", "value"), NUMERIC_CASES)
+def test_every_numeric_key_is_bounded(section: str, name: str, value: float) -> None:
+    """Durations are finite and at most ten years (zero only where it means "off"); counts are at
+    least 1: NaN, infinities, huge, negative and zero values are config errors naming the key."""
+    base = {"database.url": UNREACHABLE, "api.url": "https://api.example.com"}
+    with pytest.raises(ConfigError, match=rf"^{section}\.{name}: "):
+        load_config(None, environ={}, overrides={**base, f"{section}.{name}": value})
+
+
+def test_durations_up_to_ten_years_are_accepted() -> None:
+    """The bound leaves every sane setting alone."""
+    ten_years = 10 * 365 * 86400.0
+    config = load_config(
+        None,
+        environ={},
+        overrides={
+            "database.url": UNREACHABLE,
+            "api.url": "https://api.example.com",
+            "limits.window": ten_years,
+            "queue.retry_after": ten_years,
+            "database.retention_days": 3650,
+        },
+    )
+    assert config.limits.window == ten_years
+
+
+@pytest.mark.parametrize(
+    ("url", "passwords"),
+    [
+        ("postgresql://u:pa/ss@h:5432/db", ["pa/ss"]),
+        ("postgresql://u:p@ss@h/db", ["p@ss"]),
+        ("postgresql://u:p?ss@h/db?sslmode=require", ["p?ss"]),
+        ("postgresql://u:p%2Fss@h/db", ["p%2Fss", "p/ss"]),
+        ("postgresql://u:pw@h/db?password=qp&sslpassword=sp", ["pw", "qp", "sp"]),
+        ("postgresql://h/db?user=a@b", []),
+        ("postgresql://postgres:@/test?host=/tmp/x", []),
+    ],
+)
+def test_database_passwords_are_found_however_the_url_is_written(url: str, passwords: list[str]) -> None:
+    """The user information ends at the last '@' before the query: the password is a secret
+    even in a URL that does not parse, and redact_dsn hides it."""
+    assert dsn.passwords(url) == passwords
+    redacted = db.redact_dsn(url)
+    assert all(password not in redacted for password in passwords), redacted
+    assert redacted.startswith("postgresql://")
+
+
+def test_redact_dsn_inside_a_message() -> None:
+    """A driver message quoting the URL has the password masked, wherever the URL stands."""
+    message = "cannot connect to postgresql://u:pa/ss@h/db: refused; password=abc"
+    assert db.redact_dsn(message) == "cannot connect to postgresql://u:***@h/db: refused; password=***"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://usersync@localhost:5432/app",
+        "postgres://u:p%40ss%2F@db.internal/app?sslmode=verify-full&application_name=x",
+        "postgresql://postgres:@/test?host=/tmp/usersyncd-pg-x/sock",
+        "postgresql://u@[::1]:5432,h2:5433/app?target_session_attrs=read-write",
+        "postgresql:///app",
+    ],
+)
+def test_well_formed_database_urls_pass(url: str) -> None:
+    assert dsn.problem(url) is None
+
+
+def test_url_credentials_are_kept_out_of_every_message(tmp_path: Path) -> None:
+    """A database password is a secret from the start, percent-decoded too."""
+    config = load_config(
+        None,
+        environ={},
+        overrides={"database.url": "postgresql://u:p%2Fss-1@h/db", "api.url": "https://api.example.com"},
+    )
+    assert {"p%2Fss-1", "p/ss-1"} <= set(config.secrets)
+
+
+def test_a_numeric_key_from_set_stays_a_string() -> None:
+    """`--set api.key=12345678` is the key "12345678", not a TOML integer (and not an error
+    line about an integer that names nothing)."""
+    assert config_module.parse_assignment("api.key=12345678") == ("api.key", "12345678")
+
+
+def test_startup_warnings(tmp_path: Path) -> None:
+    """A short key, http:// off this machine, http.listen off loopback, api.timeout not below
+    limits.margin: one warning each (SPEC §5: warnings, not errors)."""
+    config = load_config(
+        None,
+        environ={},
+        overrides={
+            "database.url": UNREACHABLE,
+            "api.url": "http://api.example.com",
+            "api.key": "k",
+            "http.listen": "0.0.0.0:9187",
+            "limits.window": 2.0,
+        },
+    )
+    warnings = config.warnings()
+    assert len(warnings) == 4
+    assert any("api.key is only 1 character" in w for w in warnings)
+    assert any("http://" in w for w in warnings)
+    assert any("http.listen 0.0.0.0:9187" in w for w in warnings)
+    assert any("api.timeout (30 s) is not below limits.margin (0.02 s)" in w for w in warnings)
+    quiet = load_config(
+        None,
+        environ={},
+        overrides={"database.url": UNREACHABLE, "api.url": "http://127.0.0.1:8080", "api.key": "k-12345678"},
+    )
+    assert quiet.warnings() == []
+
+
+def test_check_warns_about_secrets_on_the_command_line(tmp_path: Path) -> None:
+    """`--set api.key=…` and a password in `--database-url` are readable by every local user in
+    `ps`: a warning at start, never showing the secret; the short key gets its warning too."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "usersyncd",
+            "check",
+            "--config",
+            str(write(tmp_path, CLEAN)),
+            "--set",
+            "api.key=kk",
+            "--database-url",
+            f"postgresql://usersync:{PASSWORD}@127.0.0.1:9/app",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    warnings = [
+        json.loads(line)["message"]
+        for line in result.stderr.splitlines()
+        if line.startswith("{") and json.loads(line)["level"] == "WARNING"
+    ]
+    assert any(w.startswith("--set api.key puts a secret on the command line") for w in warnings), warnings
+    assert any(w.startswith("--database-url puts a secret on the command line") for w in warnings)
+    assert any("api.key is only 2 characters" in w for w in warnings)
+    output = result.stdout + result.stderr
+    assert PASSWORD not in output
+    assert '"kk"' not in output and " kk " not in output
