@@ -539,3 +539,20 @@ def test_check_warns_about_secrets_on_the_command_line(tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert PASSWORD not in output
     assert '"kk"' not in output and " kk " not in output
+
+
+def test_run_with_an_unparsable_database_url_is_a_config_error(tmp_path: Path) -> None:
+    """`usersyncd run` with an unencoded '/' in the password: exit 2 and one line, not a first
+    log line quoting the password and a traceback with exit 1."""
+    text = with_db_url(f"postgresql://usersync:{PASSWORD}/x@127.0.0.1:9/app")
+    result = subprocess.run(
+        [sys.executable, "-m", "usersyncd", "run", "--config", str(write(tmp_path, text))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "usersyncd: config error: database.url: the password holds an unencoded '@', '/', '?' or '#':"
+        " percent-encode it (@ as %40, / as %2F, ? as %3F, # as %23)"
+    ]
