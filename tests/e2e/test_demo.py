@@ -25,3 +25,6 @@ def test_demo_passes_and_reports() -> None:
     assert "live changes during it     5 of 5 arrived" in out
     assert "1 retried after a 503" in out
     assert out.rstrip().endswith("demo passed")
+    # stdout is a pipe here, as in a CI log or the journal: plain progress lines, no redraws
+    assert "\r" not in out and "\x1b" not in out
+    assert "users at the API" in out
