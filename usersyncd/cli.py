@@ -102,7 +102,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     from usersyncd import checks
 
     cfg = load(args)
-    return asyncio.run(checks.check(cfg, probe_api=args.api))
+    if args.spend_slot and not args.api:
+        raise ConfigError("--spend-slot goes with --api")
+    return asyncio.run(checks.check(cfg, probe_api=args.api, spend_slot=args.spend_slot))
 
 
 def parse_since(text: str) -> datetime:
@@ -244,7 +246,14 @@ def _json_option(parser: argparse.ArgumentParser) -> None:
 
 def _check_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--api", action="store_true", help="also probe the API (costs one request of the quota)"
+        "--api",
+        action="store_true",
+        help="also probe the API with GET api.probe_path (outside the batch quota)",
+    )
+    parser.add_argument(
+        "--spend-slot",
+        action="store_true",
+        help="with --api and no api.probe_path: send one empty batch instead (costs one request of the quota)",
     )
 
 
