@@ -124,9 +124,27 @@ def cmd_failed(args: argparse.Namespace) -> int:
     from usersyncd import failures
 
     cfg = load(args)
-    rows = asyncio.run(_with_pool(cfg, lambda pool: failures.list_open(pool, cfg.database.state_schema)))
+    rows = asyncio.run(_with_pool(cfg, lambda pool: _open_failures(pool, cfg)))
     print(failures.to_json(rows) if args.json else failures.render_failures(rows))
     return EXIT_OK
+
+
+async def _open_failures(pool: Any, cfg: config.Config) -> list[dict[str, Any]]:
+    """Open failures, each `exhausted` one with its redrives so far and when the next comes (G13)."""
+    from usersyncd import failures, redrive
+
+    schema = cfg.database.state_schema
+    rows = await failures.list_open(pool, schema)
+    retry = cfg.retry
+    counts = await redrive.counts(pool, schema, [r["id"] for r in rows if r["kind"] == "exhausted"])
+    for row in rows:
+        if row["id"] in counts:
+            row["redrives"] = counts[row["id"]]
+            due = retry.redrive_after > 0 and counts[row["id"]] < retry.redrives
+            row["next_redrive_at"] = (
+                row["last_failed_at"] + timedelta(seconds=retry.redrive_after) if due else None
+            )
+    return rows
 
 
 def cmd_forget_failed(args: argparse.Namespace) -> int:

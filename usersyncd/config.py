@@ -241,6 +241,8 @@ class LimitsConfig(_Section):
 class RetryConfig(_Section):
     attempts: int = Field(default=3, ge=1, le=100)
     backoff: SecondsOrZero = 60.0
+    redrive_after: SecondsOrZero = 3600.0  # G13: exhausted users go back to the queue after this; 0: never
+    redrives: int = Field(default=3, ge=0, le=100)  # at most this many times per user
 
 
 class QueueConfig(_Section):
