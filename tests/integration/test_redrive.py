@@ -117,3 +117,24 @@ async def test_not_before_redrive_after(pool: asyncpg.Pool, conn: asyncpg.Connec
     await fail(conn, "exhausted", "a")
     assert (await redrive.redrive_once(pool, S, RetryConfig(redrive_after=3600.0, redrives=3))).users == 0
     assert not (await state(conn, "a"))["dirty"]
+
+
+async def test_failed_shows_redrives_and_the_next_one(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, database_url: str
+) -> None:
+    """`usersyncd failed` lists an exhausted failure with its redrive count and when the next comes."""
+    from usersyncd import cli, failures
+    from usersyncd.config import Config
+
+    await users(conn, "a", "b")
+    await conn.execute(f"UPDATE {S}.sync_state SET redrives = 1, redriven_at = now() WHERE user_id = 'a'")
+    await conn.execute(f"UPDATE {S}.sync_state SET redrives = 3, redriven_at = now() WHERE user_id = 'b'")
+    await fail(conn, "exhausted", "a")
+    await fail(conn, "exhausted", "b")
+    cfg = Config.model_validate(
+        {"database": {"url": database_url}, "api": {"url": "http://127.0.0.1:9"}, "retry": {"redrives": 3}}
+    )
+    text = failures.render_failures(await cli._open_failures(pool, cfg))
+    first, second = text.splitlines()[1:]
+    assert "[redriven 1x; next " in first
+    assert "[redriven 3x; no more: replay-failed when fixed]" in second
