@@ -96,7 +96,7 @@ class ExternalUserApi:
     ) -> None:
         key = config.require_key()
         headers = {
-            "User-Agent": f"usersyncd/{usersyncd.__version__}",
+            "User-Agent": config.agent,
             "Content-Type": "application/json",
         }
         auth: httpx.Auth | None = None
@@ -154,9 +154,32 @@ class ExternalUserApi:
 
     async def _post(self, body: Any, request_id: str) -> tuple[bytes, httpx.Response]:
         headers = {"X-Request-Id": request_id}
-        path = self._config.batch_path
+        path = self._config.resolve(self._config.batch_path)
         async with self._client.stream("POST", path, json=body, headers=headers) as response:
             return await _read_capped(response), response
+
+    async def probe(self) -> Probe:
+        """GET `api.probe_path` (outside the batch quota): do the key, the account and the URL work?"""
+        path = self._config.resolve(self._config.probe_path)
+        if not self._config.probe_path:
+            raise ValueError("api.probe_path is not set")
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._config.timeout):
+                async with self._client.stream(
+                    "GET", path, headers={"X-Request-Id": uuid.uuid4().hex}
+                ) as response:
+                    content = await _read_capped(response)
+        except (httpx.RequestError, TimeoutError) as exc:
+            why = self._redact(self._describe(exc))
+            return Probe(path, None, _elapsed_ms(started), f"no answer ({why}): check api.url", None)
+        return Probe(
+            path,
+            response.status_code,
+            _elapsed_ms(started),
+            probe_meaning(response.status_code),
+            None if response.is_success else self._excerpt(content),
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -227,7 +250,7 @@ class ExternalUserApi:
     def _log(self, outcome: Outcome, *, batch_id: int | None, attempt: int | None, users: int) -> None:
         fields: dict[str, Any] = {
             "method": "POST",
-            "path": self._config.batch_path,
+            "path": self._config.resolve(self._config.batch_path),
             "status": outcome.status,
             "duration_ms": round(outcome.duration_ms, 1),
             "request_id": outcome.request_id,
@@ -243,6 +266,36 @@ class ExternalUserApi:
                 fields["error_excerpt"] = _one_line(outcome.body_excerpt)[:LOG_EXCERPT]
         level = "INFO" if outcome.kind is OutcomeKind.OK else "WARNING"
         logger.bind(**fields).log(level, "api request")
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """What a GET of the probe path said."""
+
+    path: str
+    status: int | None  # None: no answer (timeout, connection refused, TLS)
+    duration_ms: float
+    meaning: str  # one line an operator can act on
+    body_excerpt: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status <= 299
+
+
+def probe_meaning(status: int) -> str:
+    """What an answer to the probe means for the configuration."""
+    if 200 <= status <= 299:
+        return "the key and the account work"
+    if status in (401, 403):
+        return f"HTTP {status}: the API refused the key (api.key / api.key_file)"
+    if status == 404:
+        return "HTTP 404: the account is unknown or the path is wrong (api.account_id, api.probe_path)"
+    if status == 429:
+        return "HTTP 429: rate-limited on the probe endpoint; try again later"
+    if 500 <= status <= 599:
+        return f"HTTP {status}: the API is failing; try again later"
+    return f"HTTP {status}: unexpected answer (api.url, api.probe_path)"
 
 
 def _kind(status: int | None) -> OutcomeKind:

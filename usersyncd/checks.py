@@ -10,7 +10,7 @@ from usersyncd.errors import UserSyncError
 from usersyncd.quota import Quota
 
 
-async def check(config: Config, *, probe_api: bool = False) -> int:
+async def check(config: Config, *, probe_api: bool = False, spend_slot: bool = False) -> int:
     """Print one line per check; 0 when everything passed, 1 otherwise."""
     problems = 0
 
@@ -35,7 +35,7 @@ async def check(config: Config, *, probe_api: bool = False) -> int:
             else:
                 report(True, f"state schema {config.database.state_schema!r} at version {version}")
         if probe_api:
-            await _probe_api(pool, config, report)
+            await _probe_api(pool, config, report, spend_slot=spend_slot)
     finally:
         await pool.close()
     return 0 if problems == 0 else 1
@@ -55,8 +55,21 @@ async def _check_source(conn: asyncpg.Connection, config: Config, report) -> Non
     )
 
 
-async def _probe_api(pool: asyncpg.Pool, config: Config, report) -> None:  # type: ignore[no-untyped-def]
-    """One real request (an empty batch), through the quota like any other."""
+async def _probe_api(pool: asyncpg.Pool, config: Config, report, *, spend_slot: bool) -> None:  # type: ignore[no-untyped-def]
+    """GET the probe path (no batch quota spent); without one, an empty batch through the quota
+    only when the operator agrees to spend a slot on it."""
+    if config.api.probe_path:
+        async with api.ExternalUserApi(config.api) as client:
+            probe = await client.probe()
+        report(probe.ok, f"API {config.api.url}{probe.path}: {probe.meaning}")
+        return
+    if not spend_slot:
+        report(
+            False,
+            "API not probed: api.probe_path is not set (Drip: /v2/accounts/{account_id}); "
+            "--spend-slot sends one empty batch through the quota instead",
+        )
+        return
     async with pool.acquire() as conn:
         await db.migrate(conn, config.database.state_schema)
     quota = Quota(
@@ -71,11 +84,12 @@ async def _probe_api(pool: asyncpg.Pool, config: Config, report) -> None:  # typ
     async with api.ExternalUserApi(config.api) as client:
         outcome = await client.send([])
     await quota.record(slot, **outcome.ledger_fields())
-    reached = outcome.status is not None
-    authorised = outcome.kind is not api.OutcomeKind.UNAUTHORIZED
-    detail = f"HTTP {outcome.status}" if reached else outcome.error
-    report(
-        reached and authorised,
-        f"API {config.api.url}{config.api.batch_path}: {detail}"
-        + ("" if authorised else " (credentials refused)"),
-    )
+    where = f"API {config.api.url}{config.api.resolve(config.api.batch_path)} (one slot spent)"
+    if outcome.status is None:
+        report(False, f"{where}: no answer ({outcome.error}): check api.url")
+    elif outcome.status in (400, 422):  # an empty batch is refused by its content: key and path work
+        report(
+            True, f"{where}: HTTP {outcome.status} to an empty batch, as expected: the key and the path work"
+        )
+    else:
+        report(outcome.kind is api.OutcomeKind.OK, f"{where}: {api.probe_meaning(outcome.status)}")

@@ -133,7 +133,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     from usersyncd import checks
 
     cfg = load(args)
-    return asyncio.run(checks.check(cfg, probe_api=args.api))
+    if args.spend_slot and not args.api:
+        raise ConfigError("--spend-slot goes with --api")
+    return asyncio.run(checks.check(cfg, probe_api=args.api, spend_slot=args.spend_slot))
 
 
 def parse_since(text: str) -> datetime:
@@ -153,9 +155,27 @@ def cmd_failed(args: argparse.Namespace) -> int:
     from usersyncd import failures
 
     cfg = load(args)
-    rows = asyncio.run(_with_pool(cfg, lambda pool: failures.list_open(pool, cfg.database.state_schema)))
+    rows = asyncio.run(_with_pool(cfg, lambda pool: _open_failures(pool, cfg)))
     print(failures.to_json(rows) if args.json else failures.render_failures(rows))
     return EXIT_OK
+
+
+async def _open_failures(pool: Any, cfg: config.Config) -> list[dict[str, Any]]:
+    """Open failures, each `exhausted` one with its redrives so far and when the next comes (G13)."""
+    from usersyncd import failures, redrive
+
+    schema = cfg.database.state_schema
+    rows = await failures.list_open(pool, schema)
+    retry = cfg.retry
+    counts = await redrive.counts(pool, schema, [r["id"] for r in rows if r["kind"] == "exhausted"])
+    for row in rows:
+        if row["id"] in counts:
+            row["redrives"] = counts[row["id"]]
+            due = retry.redrive_after > 0 and counts[row["id"]] < retry.redrives
+            row["next_redrive_at"] = (
+                row["last_failed_at"] + timedelta(seconds=retry.redrive_after) if due else None
+            )
+    return rows
 
 
 def cmd_forget_failed(args: argparse.Namespace) -> int:
@@ -297,7 +317,14 @@ def _positive_seconds(text: str) -> float:
 
 def _check_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--api", action="store_true", help="also probe the API (costs one request of the quota)"
+        "--api",
+        action="store_true",
+        help="also probe the API with GET api.probe_path (outside the batch quota)",
+    )
+    parser.add_argument(
+        "--spend-slot",
+        action="store_true",
+        help="with --api and no api.probe_path: send one empty batch instead (costs one request of the quota)",
     )
 
 

@@ -23,10 +23,12 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+import usersyncd
 from usersyncd import dsn
 from usersyncd.errors import ConfigError
 
@@ -167,11 +169,18 @@ class SourceConfig(_Section):
 _AUTH = re.compile(r"^(bearer|basic|header:[A-Za-z0-9!#$%&'*+.^_`|~-]+)$")
 
 
+_ACCOUNT_ID = re.compile(r"^[A-Za-z0-9._~-]*$")  # one URL path segment, nothing to escape
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
 class ApiConfig(_Section):
     url: str = Field(min_length=1)
     key: SecretStr = SecretStr("")
     key_file: Path | None = None
+    account_id: str = ""  # replaces {account_id} in the paths (Drip: the account number)
     batch_path: str = "/subscribers/batches"
+    probe_path: str = ""  # a GET outside the batch quota: `check --api` (Drip: /v2/accounts/{account_id})
+    user_agent: str = ""  # default "usersyncd/VERSION"
     auth: str = "bearer"
     timeout: Seconds = 30.0
 
@@ -202,12 +211,41 @@ class ApiConfig(_Section):
     def host(self) -> str:
         return urllib.parse.urlsplit(self.url).hostname or ""
 
-    @field_validator("batch_path")
+    @field_validator("batch_path", "probe_path")
     @classmethod
-    def _path(cls, path: str) -> str:
-        if not path.startswith("/"):
+    def _path(cls, path: str, info: ValidationInfo) -> str:
+        if info.field_name == "batch_path" and not path.startswith("/"):
             raise ValueError("must start with '/'")
+        if path and not path.startswith("/"):
+            raise ValueError("must start with '/' (or be empty: none)")
+        for placeholder in _PLACEHOLDER.findall(path):
+            if placeholder != "account_id":
+                raise ValueError(f"unknown placeholder {{{placeholder}}} (only {{account_id}})")
+            if not info.data.get("account_id"):
+                raise ValueError("uses {account_id} but api.account_id is not set")
         return path
+
+    @field_validator("account_id", mode="before")
+    @classmethod
+    def _account_number(cls, account_id: Any) -> Any:
+        # Drip's account ids are numbers: `account_id = 9999999` is as good as a string
+        return str(account_id) if type(account_id) is int else account_id
+
+    @field_validator("account_id")
+    @classmethod
+    def _account_id(cls, account_id: str) -> str:
+        if not _ACCOUNT_ID.match(account_id):
+            raise ValueError(
+                "must be letters, digits, '.', '_', '~' or '-' (it becomes part of the URL path)"
+            )
+        return account_id
+
+    @field_validator("user_agent")
+    @classmethod
+    def _user_agent(cls, agent: str) -> str:
+        if any(not 32 <= ord(char) <= 126 for char in agent):
+            raise ValueError("must be printable ASCII on one line")
+        return agent.strip()
 
     @field_validator("auth")
     @classmethod
@@ -232,6 +270,15 @@ class ApiConfig(_Section):
         if self.key.get_secret_value() and self.key_file is not None:
             raise ValueError("set either api.key or api.key_file, not both")
         return self
+
+    def resolve(self, path: str) -> str:
+        """A configured path with `{account_id}` replaced."""
+        return path.replace("{account_id}", self.account_id)
+
+    @property
+    def agent(self) -> str:
+        """The User-Agent every request sends."""
+        return self.user_agent or f"usersyncd/{usersyncd.__version__}"
 
     def require_key(self) -> str:
         """The API key, or a ConfigError saying where to put it."""
@@ -263,6 +310,8 @@ class LimitsConfig(_Section):
 class RetryConfig(_Section):
     attempts: int = Field(default=3, ge=1, le=100)
     backoff: SecondsOrZero = 60.0
+    redrive_after: SecondsOrZero = 3600.0  # G13: exhausted users go back to the queue after this; 0: never
+    redrives: int = Field(default=3, ge=0, le=100)  # at most this many times per user
 
 
 class QueueConfig(_Section):

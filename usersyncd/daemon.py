@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import asyncpg
 from loguru import logger
 
-from usersyncd import __version__, api, db, source, status
+from usersyncd import __version__, api, db, redrive, source, status
 from usersyncd.config import Config
 from usersyncd.errors import DatabaseError, UserSyncError
 from usersyncd.http import HealthServer
@@ -126,6 +126,9 @@ class Daemon:
         tasks = {
             asyncio.create_task(self.poller.run(self.stop), name="poller"),
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
+            asyncio.create_task(
+                redrive.run(self.pool, cfg.database.state_schema, cfg.retry, self.stop), name="redrive"
+            ),
         }
         workers = {
             asyncio.create_task(self._work(n), name=f"worker-{n}") for n in range(cfg.queue.concurrency)

@@ -86,6 +86,11 @@ def render_failures(rows: list[dict[str, Any]]) -> str:
             if r["replayed_at"]
             else ""
         )
+        if "redrives" in r:
+            nxt = r.get("next_redrive_at")
+            replayed += f"  [redriven {r['redrives']}x; " + (
+                f"next {nxt:%Y-%m-%d %H:%M:%S}]" if nxt else "no more: replay-failed when fixed]"
+            )
         lines.append(
             f"{r['id']:>6}  {r['kind']:9} {who:>5}  {r['http_status'] or '':>6}  {r['attempts']:>3}"
             f"  {r['last_failed_at']:%Y-%m-%d %H:%M:%S}  {error[:100]}{replayed}"

@@ -16,6 +16,12 @@ import asyncpg
 
 from usersyncd import db
 
+LANES = ("live", "backfill", "wave", "redrive")  # sync_state.lane: taken in this order
+
+
+def lane_name(lane: int) -> str:
+    return LANES[lane] if 0 <= lane < len(LANES) else f"lane {lane}"
+
 
 @dataclass
 class Batch:

@@ -21,7 +21,7 @@ from usersyncd import api, records
 from usersyncd.config import Config
 from usersyncd.errors import TransientDeliveryError, UserSyncError
 from usersyncd.metrics import Metrics
-from usersyncd.queue import Batch, Queue
+from usersyncd.queue import Batch, Queue, lane_name
 from usersyncd.quota import Quota, Slot
 from usersyncd.source import Source
 
@@ -211,9 +211,7 @@ class SyncUserBatch:
         batch.lane = lane
         await self.queue.set_members(batch, [m.user_id for m in members], lane)
         if members:
-            self.log.bind(batch_id=batch.id, users=len(members), lane=("live", "backfill")[lane]).info(
-                "batch created"
-            )
+            self.log.bind(batch_id=batch.id, users=len(members), lane=lane_name(lane)).info("batch created")
         return members
 
     async def _refresh(self, batch: Batch, members: list[Member]) -> list[Member]:

@@ -112,10 +112,16 @@ async def test_check_names_what_is_wrong(
 ) -> None:
     """`check` passes on a good set-up; a missing table or column is one clear FAIL line and exit 1."""
     await seed(conn, 10)
-    good = await usersyncd("check", "--config", str(make_config(database_url, fake_api.url)), "--api")
+    config = str(make_config(database_url, fake_api.url))
+    unprobed = await usersyncd("check", "--config", config, "--api")
+    assert unprobed.returncode == 1  # asked to check the API and could not: never a silent pass
+    assert "FAIL API not probed: api.probe_path is not set" in unprobed.stdout
+    assert not fake_api.requests  # nothing spent without --spend-slot
+    good = await usersyncd("check", "--config", config, "--api", "--spend-slot")
     assert good.returncode == 0, good.stdout + good.stderr
     assert "ok   index on (updated_at, id)" in good.stdout
-    assert len(fake_api.requests) == 1  # --api costs exactly one request
+    assert "to an empty batch, as expected: the key and the path work" in good.stdout
+    assert len(fake_api.requests) == 1  # --spend-slot costs exactly one request
 
     no_table = await usersyncd(
         "check",
