@@ -23,6 +23,7 @@ class PgProxy:
         self._parts = parts
         self._query = {k: v[0] for k, v in query.items()}
         self.statements = 0  # Query + Execute messages from clients
+        self.executed: list[str] = []  # the SQL text of each, in order
         self.connections = 0  # accepted while up
         self.down = False
         self._server: asyncio.Server | None = None
@@ -88,13 +89,26 @@ class PgProxy:
         # the startup message has no type byte; every later one is type + length
         length = struct.unpack("!I", await reader.readexactly(4))[0]
         writer.write(struct.pack("!I", length) + await reader.readexactly(length - 4))
+        prepared: dict[bytes, str] = {}  # statement name -> SQL (Parse)
+        bound = ""  # the SQL of the portal an Execute runs (Bind)
         while True:
             head = await reader.readexactly(5)
             kind, length = head[:1], struct.unpack("!I", head[1:])[0]
-            if kind in (b"Q", b"E"):
+            body = await reader.readexactly(length - 4)
+            if kind == b"P":
+                name, sql = body.split(b"\0")[:2]
+                prepared[name] = sql.decode(errors="replace")
+            elif kind == b"B":
+                bound = prepared.get(body.split(b"\0")[1], "")
+            elif kind in (b"Q", b"E"):
                 self.statements += 1
-            writer.write(head + await reader.readexactly(length - 4))
+                self.executed.append(body.split(b"\0")[0].decode(errors="replace") if kind == b"Q" else bound)
+            writer.write(head + body)
             await writer.drain()
+
+    def count(self, fragment: str, since: int = 0) -> int:
+        """Statements run (from the `since`-th on) whose SQL contains `fragment`."""
+        return sum(fragment in sql for sql in self.executed[since:])
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
