@@ -195,6 +195,16 @@ class Daemon:
             worker=f"{self.worker_id}/w{n}",
             lease=cfg.queue.retry_after,
         )
+        try:
+            await self._batches(n, queue)
+        except DatabaseError:
+            if self.stop.is_set():  # the database is gone and we are stopping: not a crash (G8)
+                return
+            raise
+
+    async def _batches(self, n: int, queue: Queue) -> None:
+        cfg = self.config
+        assert self.pool is not None
         while not self.stop.is_set():
             has_work = await db.retrying(queue.has_work, what="check work", stop=self.stop)
             if not has_work:
@@ -218,10 +228,6 @@ class Daemon:
                 await job.run(await queue.claim_open_batch())
             except Stopping:
                 return
-            except DatabaseError:
-                if self.stop.is_set():  # the database is gone and we are stopping: not a crash
-                    return
-                raise
             except db.CONNECTION_ERRORS as exc:
                 # the batch goes back to the queue; its users are sent again (at-least-once)
                 logger.bind(worker=n, error=str(exc)).warning("database lost during a batch; releasing it")

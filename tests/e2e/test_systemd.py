@@ -67,17 +67,19 @@ def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
 
 
 async def start_daemon(config: Path, env: dict[str, str]) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "usersyncd",
-        "run",
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, **env},
-    )
+    """The daemon; its log goes next to its config (.log), for a failing test to show."""
+    with open(config.with_suffix(".log"), "ab") as log:  # the child keeps its own descriptor
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "usersyncd",
+            "run",
+            "--config",
+            str(config),
+            stdout=log,
+            stderr=log,
+            env={**os.environ, **env},
+        )
 
 
 async def reap(proc: asyncio.subprocess.Process) -> None:
@@ -207,3 +209,34 @@ async def test_sigterm_while_waiting_for_the_database_at_start_exits_0_at_once(
         await reap(proc)
         if silent:
             await silent.stop()
+
+
+async def test_sigterm_during_a_database_outage_exits_0(
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApi,
+    seed: Any,
+    make_config: Callable[..., Path],
+    notify_socket: NotifySocket,
+) -> None:
+    """The database is gone mid-run and systemd stops the service: STOPPING=1, exit 0, promptly."""
+    await seed(conn, 300)
+    proxy = await PgProxy(database_url).start()
+    config = make_config(proxy.url, fake_api.url, **fast())
+    proc = await start_daemon(config, {"NOTIFY_SOCKET": notify_socket.path, "WATCHDOG_USEC": "3000000"})
+    loop = asyncio.get_running_loop()
+    try:
+        await notify_socket.receive_until("READY=1")
+        await wait_in_sync(conn, fake_api, timeout=30)  # idle workers look for work every poll
+        proxy.cut()
+        await notify_socket.collect_for(3.0)
+        signalled = loop.time()
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 30)
+        took = loop.time() - signalled
+        assert code == 0, config.with_suffix(".log").read_text()[-3000:]
+        await notify_socket.receive_until("STOPPING=1", timeout=5)
+        assert took < 5.0 + 3.0, f"took {took:.1f} s (shutdown_grace is 5 s)"
+    finally:
+        await reap(proc)
+        await proxy.stop()
