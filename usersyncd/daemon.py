@@ -26,6 +26,7 @@ HEARTBEAT_EVERY = 5.0  # seconds, at most: lease renewal, process heartbeat
 PRUNE_EVERY = 600.0  # seconds between deletions of what is older than the retention
 SCHEDULE_EVERY = 60.0  # seconds between schedule log lines (and systemd STATUS updates)
 METRICS_MAX_AGE = 5.0  # seconds a database snapshot serves every /metrics scrape
+CONNECT_PATIENCE = 5.0  # seconds without a database at start before systemd hears that we wait
 
 
 @dataclass
@@ -66,13 +67,20 @@ class Daemon:
                     raise UserSyncError(
                         f"http.listen: cannot listen on {cfg.http.listen}: {exc.strerror or exc}"
                     ) from None
-            self.pool = await db.wait_for_pool(
-                cfg.database.url,
-                min_size=1,
-                max_size=cfg.queue.concurrency + 4,
-                stop=self.stop,
-                waiting=self._waiting_for_database,
+            # a host that never answers hangs the first attempt for the whole connect timeout
+            slow = asyncio.get_running_loop().call_later(
+                CONNECT_PATIENCE, self._waiting_for_database, "no answer yet"
             )
+            try:
+                self.pool = await db.wait_for_pool(
+                    cfg.database.url,
+                    min_size=1,
+                    max_size=cfg.queue.concurrency + 4,
+                    stop=self.stop,
+                    waiting=self._waiting_for_database,
+                )
+            finally:
+                slow.cancel()
             if self.pool is None:
                 systemd.notify("STOPPING=1")
                 logger.info("stopped while waiting for the database")
