@@ -102,11 +102,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _with_pool(cfg: config.Config, action: Callable[[Any], Any]) -> Any:
-    """Run `action(pool)` on a small pool; the state tables are created if missing."""
+    """Run `action(pool)` on a small pool; the state tables are created if missing, and must
+    belong to this config's pipeline."""
+    from usersyncd import pipeline
+
     pool = await db.create_pool(cfg.database.url, min_size=1, max_size=2)
     try:
         async with pool.acquire() as conn:
             await db.migrate(conn, cfg.database.state_schema)
+            await pipeline.claim(conn, cfg, record=False)
         return await action(pool)
     finally:
         await pool.close()

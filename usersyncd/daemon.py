@@ -12,34 +12,21 @@ from dataclasses import dataclass, field
 import asyncpg
 from loguru import logger
 
-from usersyncd import __version__, api, db, redrive, source, status
+from usersyncd import __version__, api, db, pipeline, redrive, source, status, systemd
 from usersyncd.config import Config
 from usersyncd.errors import DatabaseError, UserSyncError
-from usersyncd.http import HealthServer
-from usersyncd.metrics import Metrics
+from usersyncd.http import READY_TIMEOUT, HealthServer
+from usersyncd.metrics import Metrics, SnapshotCache
 from usersyncd.poller import UserSyncService
 from usersyncd.queue import Queue
 from usersyncd.quota import Quota
 from usersyncd.worker import Stopping, SyncUserBatch
 
-HEARTBEAT_EVERY = 5.0  # seconds, at most: lease renewal, process heartbeat, watchdog
+HEARTBEAT_EVERY = 5.0  # seconds, at most: lease renewal, process heartbeat
 PRUNE_EVERY = 600.0  # seconds between deletions of what is older than the retention
 SCHEDULE_EVERY = 60.0  # seconds between schedule log lines (and systemd STATUS updates)
-
-
-def notify(message: str) -> None:
-    """sd_notify(3): tell systemd about readiness, status, stopping, watchdog. No-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):  # abstract namespace
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-    except OSError as exc:
-        logger.bind(error=str(exc)).debug("sd_notify failed")
+METRICS_MAX_AGE = 5.0  # seconds a database snapshot serves every /metrics scrape
+CONNECT_PATIENCE = 5.0  # seconds without a database at start before systemd hears that we wait
 
 
 @dataclass
@@ -55,50 +42,21 @@ class Daemon:
     busy: int = 0  # workers holding a batch right now
     ready: bool = False
     pool: asyncpg.Pool | None = None
+    database_lost: bool = False
 
     async def run(self) -> int:
         cfg = self.config
+        self.pipeline = pipeline.Pipeline.of(cfg)
         self._install_signals()
         logger.bind(
             version=__version__, worker=self.worker_id, database=db.redact_dsn(cfg.database.url)
         ).info("usersyncd starting")
-        self.pool = pool = await db.create_pool(
-            cfg.database.url, min_size=1, max_size=cfg.queue.concurrency + 4, retry_forever=True
-        )
+        # the watchdog proves the event loop turns, from the first moment: not that the database answers
+        watchdog = asyncio.create_task(systemd.watchdog(), name="watchdog")
+        self.metrics = Metrics()
+        self.snapshots = SnapshotCache(self._read_snapshot, max_age=METRICS_MAX_AGE)
+        health = None
         try:
-            async with pool.acquire() as conn:
-                await db.migrate(conn, cfg.database.state_schema)
-                self.source = await source.inspect(conn, cfg.source)
-            if not self.source.has_keyset_index:
-                logger.warning(
-                    "no index on ({}, {}) of {}: every poll scans the table",
-                    cfg.source.updated_at_column,
-                    cfg.source.id_column,
-                    cfg.source.table,
-                )
-            self.client = api.ExternalUserApi(cfg.api)
-            self.quota = Quota(
-                pool,
-                cfg.limits,
-                cfg.database.state_schema,
-                worker=self.worker_id,
-                credentials_probe_every=cfg.retry.backoff,
-            )
-            self.queue = Queue(
-                pool,
-                cfg.database.state_schema,
-                cfg.queue.name,
-                worker=self.worker_id,
-                lease=cfg.queue.retry_after,
-            )
-            self.work_ready = asyncio.Event()
-            self.forming = asyncio.Lock()
-            self.live_ready = asyncio.Event()
-            self.poller = UserSyncService(
-                cfg, pool, self.source, work_ready=self.work_ready, live_ready=self.live_ready
-            )
-            self.metrics = Metrics()
-            health = None
             if cfg.http.address is not None:
                 health = HealthServer(
                     self.metrics, ready=self._not_ready_because, refresh=self._refresh_metrics
@@ -109,16 +67,77 @@ class Daemon:
                     raise UserSyncError(
                         f"http.listen: cannot listen on {cfg.http.listen}: {exc.strerror or exc}"
                     ) from None
+            # a host that never answers hangs the first attempt for the whole connect timeout
+            slow = asyncio.get_running_loop().call_later(
+                CONNECT_PATIENCE, self._waiting_for_database, "no answer yet"
+            )
             try:
-                return await self._supervise()
+                self.pool = await db.wait_for_pool(
+                    cfg.database.url,
+                    min_size=1,
+                    max_size=cfg.queue.concurrency + 4,
+                    stop=self.stop,
+                    waiting=self._waiting_for_database,
+                )
             finally:
-                if health is not None:
-                    await health.stop()
+                slow.cancel()
+            if self.pool is None:
+                systemd.notify("STOPPING=1")
+                logger.info("stopped while waiting for the database")
+                return 0
+            try:
+                return await self._start(self.pool)
+            finally:
+                client = getattr(self, "client", None)
+                if client is not None:
+                    await client.aclose()
+                await self.pool.close()
         finally:
-            client = getattr(self, "client", None)
-            if client is not None:
-                await client.aclose()
-            await pool.close()
+            if health is not None:
+                await health.stop()
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+
+    def _waiting_for_database(self, why: str) -> None:
+        """At start, the database does not answer yet. The start is over (READY): waiting is the
+        same state as a database lost mid-run, and systemd's start timeout must not kill it."""
+        systemd.notify(f"READY=1\nSTATUS=waiting for the database: {db.redact_dsn(why)}")
+
+    async def _start(self, pool: asyncpg.Pool) -> int:
+        cfg = self.config
+        async with pool.acquire() as conn:
+            await db.migrate(conn, cfg.database.state_schema)
+            await pipeline.claim(conn, cfg)
+            self.source = await source.inspect(conn, cfg.source)
+        if not self.source.has_keyset_index:
+            logger.warning(
+                "no index on ({}, {}) of {}: every poll scans the table",
+                cfg.source.updated_at_column,
+                cfg.source.id_column,
+                cfg.source.table,
+            )
+        self.client = api.ExternalUserApi(cfg.api)
+        self.quota = Quota(
+            pool,
+            cfg.limits,
+            cfg.database.state_schema,
+            worker=self.worker_id,
+            credentials_probe_every=cfg.retry.backoff,
+        )
+        self.queue = Queue(
+            pool,
+            cfg.database.state_schema,
+            cfg.queue.name,
+            worker=self.worker_id,
+            lease=cfg.queue.retry_after,
+        )
+        self.work_ready = asyncio.Event()
+        self.forming = asyncio.Lock()
+        self.live_ready = asyncio.Event()
+        self.poller = UserSyncService(
+            cfg, pool, self.source, work_ready=self.work_ready, live_ready=self.live_ready
+        )
+        return await self._supervise()
 
     async def _supervise(self) -> int:
         cfg = self.config
@@ -136,7 +155,7 @@ class Daemon:
         if self.once:
             tasks.add(asyncio.create_task(self._stop_when_drained(), name="once"))
         self.ready = True
-        notify(f"READY=1\nSTATUS=syncing {cfg.source.table} to {cfg.api.url}")
+        systemd.notify(f"READY=1\nSTATUS=syncing {self.pipeline.source} to {self.pipeline.api}")
         logger.bind(workers=cfg.queue.concurrency, queue=cfg.queue.name).info("usersyncd ready")
 
         stopper = asyncio.create_task(self.stop.wait(), name="stop")
@@ -159,7 +178,7 @@ class Daemon:
         for task in finished_early:
             logger.bind(task=task.get_name()).critical("task ended unexpectedly; stopping")
         self.stop.set()
-        notify("STOPPING=1")
+        systemd.notify("STOPPING=1")
         logger.info("stopping: no new requests; in-flight ones get {} s", cfg.queue.shutdown_grace)
 
         _, late = await asyncio.wait(workers, timeout=cfg.queue.shutdown_grace)
@@ -187,6 +206,16 @@ class Daemon:
             worker=f"{self.worker_id}/w{n}",
             lease=cfg.queue.retry_after,
         )
+        try:
+            await self._batches(n, queue)
+        except DatabaseError:
+            if self.stop.is_set():  # the database is gone and we are stopping: not a crash (G8)
+                return
+            raise
+
+    async def _batches(self, n: int, queue: Queue) -> None:
+        cfg = self.config
+        assert self.pool is not None
         while not self.stop.is_set():
             has_work = await db.retrying(queue.has_work, what="check work", stop=self.stop)
             if not has_work:
@@ -210,10 +239,6 @@ class Daemon:
                 await job.run(await queue.claim_open_batch())
             except Stopping:
                 return
-            except DatabaseError:
-                if self.stop.is_set():  # the database is gone and we are stopping: not a crash
-                    return
-                raise
             except db.CONNECTION_ERRORS as exc:
                 # the batch goes back to the queue; its users are sent again (at-least-once)
                 logger.bind(worker=n, error=str(exc)).warning("database lost during a batch; releasing it")
@@ -233,10 +258,19 @@ class Daemon:
             return f"sending paused: {state.pause_detail}"
         return None
 
+    async def _read_snapshot(self) -> status.Status:
+        if self.pool is None or not self.ready:
+            raise DatabaseError("not connected yet")
+        return await status.collect(self.pool, self.config, count_unstaged=False, exact=False)
+
     async def _refresh_metrics(self) -> None:
-        assert self.pool is not None
-        snapshot = await status.collect(self.pool, self.config, count_unstaged=False)
-        self.metrics.update(snapshot, quota_waits=self.quota.waits)
+        """The gauges from a snapshot at most METRICS_MAX_AGE old, read once for every scrape."""
+        snapshot = await self.snapshots.get(timeout=READY_TIMEOUT)
+        if snapshot is not None:
+            self.metrics.update(snapshot, quota_waits=self.quota.waits)  # a snapshot: quota is set
+        self.metrics.up.set(0 if snapshot is None or self.snapshots.failed else 1)
+        age = self.snapshots.age()
+        self.metrics.snapshot_age.set(age if age is not None else float("nan"))
 
     async def _stop_when_drained(self) -> None:
         """`--once`: stop when the poller has caught up and nothing is left to send."""
@@ -255,7 +289,7 @@ class Daemon:
         since_prune = PRUNE_EVERY
         since_schedule = SCHEDULE_EVERY
         while not self.stop.is_set():
-            await db.retrying(self._beat, what="heartbeat", stop=self.stop)
+            await db.retrying(self._beat_telling_systemd, what="heartbeat", stop=self.stop)
             since_prune += every
             if since_prune >= PRUNE_EVERY:
                 since_prune = 0.0
@@ -264,8 +298,19 @@ class Daemon:
             if since_schedule >= SCHEDULE_EVERY:
                 since_schedule = 0.0
                 await db.retrying(self._schedule, what="schedule", stop=self.stop)
-            notify("WATCHDOG=1")
             await _wait_any(self.stop, timeout=every)
+
+    async def _beat_telling_systemd(self) -> None:
+        """The heartbeat; while it fails, systemd's STATUS says the database is lost."""
+        try:
+            await self._beat()
+        except db.CONNECTION_ERRORS as exc:
+            self.database_lost = True
+            systemd.notify(f"STATUS=database unreachable, retrying: {type(exc).__name__}")
+            raise
+        if self.database_lost:
+            self.database_lost = False
+            systemd.notify(f"STATUS=syncing {self.pipeline.source} to {self.pipeline.api} (database back)")
 
     async def _beat(self) -> None:
         assert self.pool is not None
@@ -279,7 +324,7 @@ class Daemon:
     async def _schedule(self) -> None:
         """Service-level schedule (SPEC §7): next slot, backlog, ETA; also systemd's STATUS line."""
         assert self.pool is not None
-        snapshot = await status.collect(self.pool, self.config, count_unstaged=False)
+        snapshot = await status.collect(self.pool, self.config, count_unstaged=False, exact=False)
         logger.bind(
             next_slot_in=round(snapshot.next_slot_in, 3),
             backlog=snapshot.backlog,
@@ -290,7 +335,7 @@ class Daemon:
             eta_s=round(snapshot.drain_eta, 1),
             paused=snapshot.paused,
         ).info("schedule")
-        notify(
+        systemd.notify(
             f"STATUS=backlog {snapshot.backlog} users, quota {snapshot.quota_used}/{snapshot.quota_limit},"
             f" ETA {snapshot.drain_eta:.0f} s" + (f", paused: {snapshot.paused}" if snapshot.paused else "")
         )

@@ -78,24 +78,67 @@ async def create_pool(
     url: str, *, min_size: int = 1, max_size: int = 10, retry_forever: bool = False
 ) -> asyncpg.Pool:
     """A pool of connections; with `retry_forever`, wait out an unreachable database with backoff."""
+    if not retry_forever:
+        return await _connect(url, min_size=min_size, max_size=max_size)
+    pool = await wait_for_pool(url, min_size=min_size, max_size=max_size, stop=asyncio.Event())
+    assert pool is not None  # nobody can set that stop
+    return pool
+
+
+async def wait_for_pool(
+    url: str,
+    *,
+    min_size: int,
+    max_size: int,
+    stop: asyncio.Event,
+    waiting: Callable[[str], None] | None = None,
+) -> asyncpg.Pool | None:
+    """A pool, once the database answers; None as soon as `stop` is set (a signal ends the wait at
+    once, even in the middle of a connection attempt). `waiting(why)` hears of each failed attempt."""
     delay = 0.5
     while True:
         try:
-            return await asyncpg.create_pool(
-                url,
-                min_size=min_size,
-                max_size=max_size,
-                command_timeout=60,
-                server_settings={"application_name": "usersyncd"},
-            )
-        except CONNECTION_ERRORS as exc:
-            if not retry_forever:
-                raise DatabaseError(f"cannot connect to {redact_dsn(url)}: {_why(exc)}") from exc
-            logger.bind(retry_in=delay).warning("database unreachable, retrying: {}", _why(exc))
-        except asyncpg.PostgresError as exc:
-            raise DatabaseError(f"cannot connect to {redact_dsn(url)}: {_why(exc)}") from exc
-        await asyncio.sleep(delay)
+            return await _until_stopped(_connect(url, min_size=min_size, max_size=max_size), stop)
+        except DatabaseError as exc:
+            if not isinstance(exc.__cause__, CONNECTION_ERRORS):
+                raise
+            why = _why(exc.__cause__)
+            logger.bind(retry_in=delay).warning("database unreachable, retrying: {}", why)
+            if waiting is not None:
+                waiting(why)
+        if await _until_stopped(asyncio.sleep(delay, result=True), stop) is None:
+            return None
         delay = min(delay * 2, CONNECT_BACKOFF_MAX)
+
+
+async def _connect(url: str, *, min_size: int, max_size: int) -> asyncpg.Pool:
+    try:
+        return await asyncpg.create_pool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            command_timeout=60,
+            server_settings={"application_name": "usersyncd"},
+        )
+    except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+        raise DatabaseError(f"cannot connect to {redact_dsn(url)}: {_why(exc)}") from exc
+
+
+async def _until_stopped(operation: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """`operation`'s result, or None as soon as `stop` is set (the operation is then cancelled)."""
+    task = asyncio.ensure_future(operation)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: failing while cancelled changes nothing, we are stopping
+    return None
 
 
 async def retrying(

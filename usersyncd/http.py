@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 from loguru import logger
 
 from usersyncd.metrics import CONTENT_TYPE, Metrics
 
 READY_TIMEOUT = 2.0  # seconds for the readiness check's database round trip
+
+
+class _MalformedRequestsAtDebug(logging.Filter):
+    """aiohttp logs each request it cannot parse at ERROR, with the client's bytes: a scanner or a
+    confused probe would flood the journal. Those become DEBUG; our own handlers' errors stay ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, http_exceptions.HttpProcessingError):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+_server_logger = logging.getLogger("usersyncd.http.server")
+_server_logger.addFilter(_MalformedRequestsAtDebug())
 
 
 class HealthServer:
@@ -34,7 +50,7 @@ class HealthServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, logger=_server_logger)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -60,7 +76,8 @@ class HealthServer:
 
     async def _metrics(self, _: web.Request) -> web.Response:
         try:
-            await asyncio.wait_for(self._refresh(), READY_TIMEOUT)
+            # refresh() bounds its own wait; this only guards against a hang
+            await asyncio.wait_for(self._refresh(), READY_TIMEOUT + 1.0)
         except Exception:  # serve the counters anyway; the gauges say the database is down
             self.metrics.up.set(0)
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})

@@ -1,7 +1,10 @@
-"""Prometheus metrics (SPEC §8): counters fed by the worker, gauges refreshed from the database
-at each scrape (so they agree with `usersyncd status`)."""
+"""Prometheus metrics (SPEC §8): counters fed by the worker, gauges from a snapshot of the
+database (the one `usersyncd status` shows), read at most every few seconds however many scrape."""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 - re-exported for http.py
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -63,6 +66,9 @@ class Metrics:
             self.requests.labels(outcome=outcome)
         for kind in DEAD_LETTER_KINDS:
             self.dead_lettered.labels(kind=kind)
+        self.snapshot_age = Gauge(
+            "usersyncd_snapshot_age_seconds", "Age of the database snapshot behind the gauges.", registry=r
+        )
 
     def observe_request(self, outcome: str, duration_ms: float) -> None:
         self.requests.labels(outcome=outcome).inc()
@@ -85,3 +91,44 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class SnapshotCache:
+    """The latest `read()`, reused for `max_age` seconds; one read at a time, shared by every
+    caller, and never cancelled by a caller that stops waiting (the next one gets its result)."""
+
+    def __init__(self, read: Callable[[], Awaitable[Status]], *, max_age: float) -> None:
+        self._read = read
+        self.max_age = max_age
+        self.value: Status | None = None
+        self.taken_at: float | None = None  # loop time of the last read that worked
+        self.failed: BaseException | None = None  # the last read's error, None when it worked
+        self.reads = 0  # reads started (for tests and curious operators)
+        self._tried_at = float("-inf")
+        self._task: asyncio.Task[None] | None = None
+
+    async def get(self, timeout: float) -> Status | None:
+        """The snapshot, refreshed first if older than `max_age` and a read ends within `timeout`;
+        else the last one (None before any read worked)."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._tried_at >= self.max_age and (self._task is None or self._task.done()):
+            self._tried_at = loop.time()
+            self.reads += 1
+            self._task = asyncio.create_task(self._refresh(), name="metrics snapshot")
+        if self._task is not None and not self._task.done():
+            await asyncio.wait({self._task}, timeout=timeout)  # wait() never cancels it
+        return self.value
+
+    def age(self) -> float | None:
+        if self.taken_at is None:
+            return None
+        return asyncio.get_running_loop().time() - self.taken_at
+
+    async def _refresh(self) -> None:
+        try:
+            self.value = await self._read()
+        except Exception as exc:  # the database is down: the gauges keep their last values
+            self.failed = exc
+        else:
+            self.failed = None
+            self.taken_at = asyncio.get_running_loop().time()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -15,10 +15,11 @@ import asyncpg
 
 from usersyncd import db, source
 from usersyncd.config import Config
-from usersyncd.queue import Queue
 from usersyncd.quota import Quota
 
 LIVE_AFTER = 30.0  # seconds: a process whose heartbeat is older is taken for dead
+ESTIMATE_ABOVE = 100_000  # rows: past this, a count for the metrics is the planner's estimate
+COUNTS = ("live_ready", "backfill_ready", "in_batches", "open_batches", "open_failures")
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Status:
     live_processes: list[dict[str, Any]]
     cursors: dict[str, dict[str, Any]]
     drain_eta: float  # seconds to send the whole backlog at full quota
+    estimated: list[str] = field(default_factory=list)  # counts that are planner estimates
 
     @property
     def backlog(self) -> int:
@@ -61,16 +63,24 @@ def drain_eta(
     return next_slot_in + (math.ceil(later / limit) - 1) * span
 
 
-async def collect(pool: asyncpg.Pool, config: Config, *, count_unstaged: bool = True) -> Status:
+async def collect(
+    pool: asyncpg.Pool, config: Config, *, count_unstaged: bool = True, exact: bool = True
+) -> Status:
+    """The snapshot. Not `exact` (the metrics, the schedule line): a count past ESTIMATE_ABOVE
+    rows is the planner's estimate, so that a read costs the same at millions of rows."""
     schema = config.database.state_schema
     q = db.quote_ident(schema)
-    queue = Queue(pool, schema, config.queue.name, worker="status", lease=config.queue.retry_after)
+    sql = db.queries("status", schema)
     quota = Quota(pool, config.limits, schema, worker="status", credentials_probe_every=config.retry.backoff)
-    backlog = await queue.backlog()
     state = await quota.state()
     async with pool.acquire() as conn:
-        in_batches = await conn.fetchval(f"SELECT count(*) FROM {q}.sync_state WHERE batch_id IS NOT NULL")
-        last_success = await conn.fetchval(f"SELECT max(started_at) FROM {q}.requests WHERE outcome = 'ok'")
+        counts = dict(await conn.fetchrow(sql["counts"], None if exact else ESTIMATE_ABOVE))
+        estimated = []
+        for name in COUNTS:
+            if not exact and counts[name] >= ESTIMATE_ABOVE:
+                plan = json.loads(await conn.fetchval(sql[f"{name}_estimate"]))
+                counts[name] = max(ESTIMATE_ABOVE, round(plan[0]["Plan"]["Plan Rows"]))
+                estimated.append(name)
         processes = [
             dict(r)
             for r in await conn.fetch(
@@ -81,14 +91,14 @@ async def collect(pool: asyncpg.Pool, config: Config, *, count_unstaged: bool = 
         ]
         cursors = {r["lane"]: dict(r) for r in await conn.fetch(db.queries("poller", schema)["cursors"])}
         unstaged = await _unstaged(conn, config, cursors.get("backfill")) if count_unstaged else None
-    users = backlog.live_ready + backlog.backfill_ready + (unstaged or 0) + in_batches
+    users = counts["live_ready"] + counts["backfill_ready"] + (unstaged or 0) + counts["in_batches"]
     return Status(
-        live_ready=backlog.live_ready,
-        backfill_ready=backlog.backfill_ready,
+        live_ready=counts["live_ready"],
+        backfill_ready=counts["backfill_ready"],
         backfill_unstaged=unstaged,
-        in_batches=in_batches,
-        open_batches=backlog.open_batches,
-        open_failures=backlog.open_failures,
+        in_batches=counts["in_batches"],
+        open_batches=counts["open_batches"],
+        open_failures=counts["open_failures"],
         quota_used=state.used,
         quota_limit=state.limit,
         window=state.window,
@@ -96,7 +106,7 @@ async def collect(pool: asyncpg.Pool, config: Config, *, count_unstaged: bool = 
         paused=state.paused,
         paused_for=state.paused_for,
         pause_detail=state.pause_detail,
-        last_success=last_success,
+        last_success=counts["last_success"],
         live_processes=processes,
         cursors=cursors,
         drain_eta=drain_eta(
@@ -107,6 +117,7 @@ async def collect(pool: asyncpg.Pool, config: Config, *, count_unstaged: bool = 
             used=state.used,
             next_slot_in=state.next_free_in,
         ),
+        estimated=estimated,
     )
 
 

@@ -21,6 +21,8 @@ from usersyncd.fakeapi import FakeApi
 
 pytestmark = [pytest.mark.e2e, pytest.mark.db]
 
+EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "config.example.toml"
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -60,7 +62,12 @@ async def test_health_readiness_and_metrics(
                 break
             await asyncio.sleep(0.1)
         assert ready.status_code == 503 and "credentials" in ready.text
-        assert 'usersyncd_paused{reason="credentials"} 1.0' in (await client.get("/metrics")).text
+        for _ in range(100):  # the gauges come from a snapshot up to a few seconds old
+            if 'usersyncd_paused{reason="credentials"} 1.0' in (await client.get("/metrics")).text:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the credentials pause never reached /metrics")
         assert (await client.get("/healthz")).status_code == 200  # alive, just not ready
 
         fake_api.api_key = "test-key"
@@ -182,7 +189,7 @@ async def test_example_config_runs_and_stops_on_ctrl_c(
     """`run --config config.example.toml` (database and key from the environment) starts, logs
     readiness, and on Ctrl-C (SIGINT) stops cleanly with exit 0."""
     await seed(conn, 5)
-    example = Path(__file__).resolve().parents[2] / "config.example.toml"
+    example = EXAMPLE_CONFIG
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("USER_API", "USERSYNCD_"))},
         "USERSYNCD_DATABASE_URL": database_url,

@@ -21,6 +21,7 @@ STATE_TABLES = {
     "failures",
     "pauses",
     "processes",
+    "pipelines",  # 0006
     "schema_version",
 }
 
