@@ -122,13 +122,15 @@ FROM (
     FROM {schema}.failures o
     CROSS JOIN LATERAL unnest(o.user_ids) AS u(user_id)
     LEFT JOIN {schema}.sync_state s ON s.user_id = u.user_id
-    WHERE o.id IN (SELECT failure_id FROM {schema}.failure_users WHERE user_id = ANY($1::text[]))
+    WHERE o.id = ANY(ARRAY(SELECT failure_id FROM {schema}.failure_users WHERE user_id = ANY($1::text[])))
       AND o.resolved_at IS NULL
     GROUP BY o.id, o.last_failed_at
     HAVING bool_and(s.settled_at IS NOT NULL AND s.settled_at >= o.last_failed_at)
 ) v
--- a failure that failed again meanwhile (newer last_failed_at) stays open
-WHERE f.id = v.id AND f.resolved_at IS NULL AND f.last_failed_at = v.last_failed_at;
+-- the same ids again, so that the rows to update are fetched by key, never by a scan; a
+-- failure that failed again meanwhile (newer last_failed_at) stays open
+WHERE f.id = ANY(ARRAY(SELECT failure_id FROM {schema}.failure_users WHERE user_id = ANY($1::text[])))
+  AND f.id = v.id AND f.resolved_at IS NULL AND f.last_failed_at = v.last_failed_at;
 
 -- resolve_settled --
 -- The same for every open failure: a pass with the pruning, for a resolution whose own step
