@@ -396,3 +396,33 @@ async def test_bytes_invalid_in_the_database_encoding_fail_only_their_user(
         await conn.close()
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         await admin.close()
+
+
+async def test_a_probe_answered_503_keeps_the_credentials_pause(
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApi,
+    seed: Any,
+    make_config: Callable[..., Path],
+    spawn: Any,
+) -> None:
+    """401, then the key works but the next probe is answered 503: that proves nothing about the
+    key, so the pause stays and nothing else goes out until the next probe, retry.backoff later."""
+    await seed(conn, 3000)  # 3 batches: the other workers wait on the pause
+    fake_api.api_key = "rotated-key"
+    daemon = await spawn(config(make_config, database_url, fake_api))
+    await fake_api.wait_for(lambda api: sum(r.status == 401 for r in api.requests) >= 2, timeout=20)
+    fake_api.api_key = "test-key"
+    fake_api.script(503)  # the next request is the next probe
+    await fake_api.wait_for(lambda api: any(r.status == 503 for r in api.requests), timeout=20)
+    await fake_api.wait_for(lambda api: len(api.state) == 3000, timeout=30)
+
+    failed_probe = next(r for r in fake_api.requests if r.status == 503)
+    after = [r for r in fake_api.requests if r.arrived > failed_probe.arrived]
+    assert after[0].arrived - failed_probe.arrived >= BACKOFF - 0.1, gaps([failed_probe, *after])
+    assert all(r.status == 202 for r in after)
+    resumed = [e for e in daemon.logs() if e.get("message") == "sending resumed"]
+    assert len(resumed) == 1
+    assert await failures(conn) == []
+    assert await daemon.stop() == 0
+    await assert_in_sync(conn, fake_api)
