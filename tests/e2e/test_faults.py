@@ -426,3 +426,55 @@ async def test_a_probe_answered_503_keeps_the_credentials_pause(
     assert await failures(conn) == []
     assert await daemon.stop() == 0
     await assert_in_sync(conn, fake_api)
+
+
+async def test_bookkeeping_failing_after_an_accepted_batch_never_sends_it_again(
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApi,
+    seed: Any,
+    make_config: Callable[..., Path],
+    spawn: Any,
+) -> None:
+    """The API accepts user 5's batch, but recording it fails for 2 s (a trigger raises): the
+    record is retried until it succeeds, the batch is not sent again, the daemon keeps running."""
+    await seed(conn, 20)
+    daemon = await spawn(config(make_config, database_url, fake_api))
+    await fake_api.wait_for(lambda api: len(api.state) == 20, timeout=20)
+    await wait_for_rows(
+        conn, "SELECT 1 FROM usersync.sync_state WHERE NOT dirty AND batch_id IS NULL", 20, timeout=10
+    )
+    before = len(fake_api.requests)
+    await conn.execute(
+        """
+        CREATE TABLE public.refuse_sent (x int);
+        INSERT INTO public.refuse_sent VALUES (1);
+        CREATE FUNCTION public.refuse_sent() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF EXISTS (SELECT 1 FROM public.refuse_sent) THEN
+                RAISE EXCEPTION 'injected: recording a send fails';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_sent BEFORE UPDATE ON usersync.sync_state FOR EACH ROW
+        WHEN (NEW.user_id = '5' AND NEW.sent_at IS DISTINCT FROM OLD.sent_at)
+        EXECUTE FUNCTION public.refuse_sent();
+        """
+    )
+    await conn.execute("UPDATE users SET name = 'five', updated_at = clock_timestamp() WHERE id = 5")
+    await fake_api.wait_for(lambda api: api.accepted > before, timeout=10)
+    await asyncio.sleep(2.0)  # recording it fails meanwhile, again and again
+    await conn.execute("DELETE FROM public.refuse_sent")
+    await wait_for_rows(
+        conn,
+        "SELECT 1 FROM usersync.sync_state WHERE user_id = '5' AND batch_id IS NULL AND NOT dirty",
+        1,
+        timeout=20,
+    )
+    await asyncio.sleep(1.0)  # a resend would come by now
+    assert fake_api.state["user5@example.com"]["name"] == "five"
+    assert fake_api.sends["user5@example.com"] == 2  # the seed, then "five" once
+    assert len(fake_api.requests) == before + 1
+    assert any(e.get("message", "").startswith("could not record an accepted batch") for e in daemon.logs())
+    assert daemon.proc.returncode is None
+    assert await daemon.stop() == 0
