@@ -373,13 +373,14 @@ class SyncUserBatch:
         assert batch is not None
         try:
             held = await self.queue.hold(batch)
+            # the ledger holds the real start, not the grant
+            confirmed = await self.quota.confirm(slot) if held else None
         except Exception:
-            await self.quota.release(slot)
+            await self.quota.release(slot)  # never left granted and unused
             raise
         if not held:  # taken over while the database was away (G6)
             await self.quota.release(slot)
             raise _BatchLost()
-        confirmed = await self.quota.confirm(slot)  # the ledger holds the real start, not the grant
         if confirmed is None:  # a whole span passed while forming: this slot is stale
             await self.quota.release(slot)
             raise _SendAgain()
