@@ -66,10 +66,13 @@ async def _diagnose(conn: asyncpg.Connection, source: Source, user_id: str, exc:
         except Exception as column_exc:
             if not is_data_error(column_exc):
                 raise
-            return Unreadable(user_id, api_field, f"cannot read column {column!r}: {_describe(column_exc)}")
-    return Unreadable(user_id, None, f"cannot read the row: {_describe(exc)}")
+            return Unreadable(
+                user_id, api_field, f"cannot read column {column!r}: {describe(column_exc, 300)}"
+            )
+    return Unreadable(user_id, None, f"cannot read the row: {describe(exc, 300)}")
 
 
-def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())[:300]
+def describe(exc: BaseException, limit: int | None = None) -> str:
+    """An exception as one line: its type and its message (cut to `limit` characters)."""
+    text = " ".join(str(exc).split())[:limit]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from usersyncd import api, reading, worker
+from usersyncd import api, former, outcomes, reading, worker
 from usersyncd.errors import TransientDeliveryError
 
 
@@ -44,17 +44,17 @@ def test_only_answers_about_the_records_prove_the_credentials(
 ) -> None:
     """A probe resumes sending on a 2xx or a 4xx that judged the records, never on a 5xx, a
     timeout, a 404 or a 429."""
-    assert worker.proves_credentials(outcome(kind, status)) is proves
+    assert outcomes.proves_credentials(outcome(kind, status)) is proves
 
 
 def test_forming_rounds_grow_with_the_share_dropped() -> None:
     """The first round asks for what is missing; later rounds scale by taken/kept, never below
     what is missing and never above FORM_ROUND_MAX."""
-    assert worker.form_round(1000, 0, 0) == 1000
-    assert worker.form_round(990, 1000, 10) == worker.FORM_ROUND_MAX
-    assert worker.form_round(50, 1000, 950) == 53
-    assert worker.form_round(500, 1000, 0) == 5000
-    assert worker.form_round(10, 10, 10) == 10
+    assert former.form_round(1000, 0, 0) == 1000
+    assert former.form_round(990, 1000, 10) == former.FORM_ROUND_MAX
+    assert former.form_round(50, 1000, 950) == 53
+    assert former.form_round(500, 1000, 0) == 5000
+    assert former.form_round(10, 10, 10) == 10
 
 
 @pytest.mark.parametrize(
