@@ -55,8 +55,8 @@ async def on_ok(job: SyncUserBatch, answer: Answer) -> None:
     """Accepted: remember what was sent; the batch is done once none of its users is left."""
     batch, members = answer.state.batch, answer.members
     assert batch is not None
+    job.metrics.users_synced.inc(len(members))  # accepted: counted before the bookkeeping
     await job.record_sent(batch, members)
-    job.metrics.users_synced.inc(len(members))
     sent = {m.user_id for m in members}
     batch.user_ids = [u for u in batch.user_ids if u not in sent]
     if not batch.user_ids:
