@@ -32,3 +32,7 @@ class TransientDeliveryError(DeliveryError):
 
 class PermanentDeliveryError(DeliveryError):
     """The API rejected the batch; retrying it unchanged cannot succeed."""
+
+
+class Stopping(UserSyncError):
+    """Shutdown was requested; the batch goes back to the queue."""

@@ -30,6 +30,9 @@ class Batch:
     attempts: int = 0  # attempts already spent (persisted: survives a restart)
     lane: int = 0  # 0 live (or replay), 1 backfill: only backfill is paced
     reclaimed: bool = False  # taken from the queue again (released, or its worker vanished)
+    last_status: int | None = None  # of the last attempt that failed (persisted)
+    last_error: str | None = None
+    last_kind: str | None = None  # 'exhausted' (the API's answers) or 'error' (preparing it)
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,16 @@ class Queue:
         row = await self.pool.fetchrow(self.sql["claim_open_batch"], self.name, self.worker, self.lease)
         if row is None:
             return None
-        return Batch(row["id"], list(row["user_ids"]), row["attempts"], lane=row["lane"], reclaimed=True)
+        return Batch(
+            row["id"],
+            list(row["user_ids"]),
+            row["attempts"],
+            lane=row["lane"],
+            reclaimed=True,
+            last_status=row["last_status"],
+            last_error=row["last_error"],
+            last_kind=row["last_kind"],
+        )
 
     async def new_batch(self) -> Batch:
         batch_id = await self.pool.fetchval(self.sql["new_batch"], self.name, self.worker, self.lease)
@@ -85,21 +97,40 @@ class Queue:
         batch.user_ids = list(user_ids)
         await self.pool.execute(self.sql["set_members"], batch.id, batch.user_ids, lane)
 
-    async def drop_users(self, batch: Batch, seqs: dict[str, int], *, gone: Sequence[str] = ()) -> None:
+    async def drop_users(
+        self, batch: Batch, seqs: dict[str, int], *, settled: dict[str, str] | None = None
+    ) -> None:
         """Users leave the batch unsent; they wait again only if staged again since read.
-        `gone`: those whose rows are gone; a replay of their failures ends with that."""
+        `settled`: {user id: 'unchanged' | 'gone'} for those the API needs nothing for; their
+        open failures resolve (`resolve_failures`, after this commits) once every user of a
+        failure is settled (G7)."""
         if not seqs:
             return
+        settled = settled or {}
         ids = sorted(seqs)
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(self.sql["lock_users"], ids)
-            await conn.execute(self.sql["drop_users"], batch.id, ids, [seqs[u] for u in ids])
-            if gone:
-                await conn.execute(self.sql["gone_after_replay"], list(gone))
+            await conn.execute(
+                self.sql["drop_users"], batch.id, ids, [seqs[u] for u in ids], [settled.get(u) for u in ids]
+            )
+
+    async def members_of(self, batch: Batch) -> list[str]:
+        """The users sync_state puts in the batch (also those taken but not yet recorded)."""
+        return [r["user_id"] for r in await self.pool.fetch(self.sql["members_of"], batch.id)]
+
+    async def put_back(self, batch: Batch, user_ids: Sequence[str]) -> None:
+        """Users taken beyond a full batch wait again, still dirty."""
+        if not user_ids:
+            return
+        ids = sorted(user_ids)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(self.sql["lock_users"], ids)
+            await conn.execute(self.sql["put_back"], batch.id, ids)
 
     async def mark_sent(self, batch: Batch, sent: Sequence[tuple[str, bytes, datetime, int]]) -> None:
         """The API accepted these (user id, hash, updated_at read, stage_seq read): remember
-        what was sent, resolve their old failures."""
+        what was sent. Idempotent (only users still in the batch change), so it can be retried.
+        Their failures are resolved apart (`resolve_failures`), after this commits."""
         if not sent:
             return
         ordered = sorted(sent)
@@ -114,12 +145,27 @@ class Queue:
                 [t for _, _, t, _ in ordered],
                 [q for _, _, _, q in ordered],
             )
-            await conn.execute(self.sql["resolve_failures"], ids)
+
+    async def resolve_failures(self, user_ids: Sequence[str]) -> int:
+        """Resolve the open failures of these users whose every user is settled since; how many."""
+        if not user_ids:
+            return 0
+        status = await self.pool.execute(self.sql["resolve_failures"], list(user_ids))
+        return int(status.split()[-1])
 
     async def spend_attempt(
-        self, batch: Batch, *, next_in: float, status: int | None, error: str | None
+        self,
+        batch: Batch,
+        *,
+        next_in: float,
+        status: int | None,
+        error: str | None,
+        kind: str = "exhausted",
     ) -> int:
-        batch.attempts = await self.pool.fetchval(self.sql["spend_attempt"], batch.id, next_in, status, error)
+        batch.attempts = await self.pool.fetchval(
+            self.sql["spend_attempt"], batch.id, next_in, status, error, kind
+        )
+        batch.last_status, batch.last_error, batch.last_kind = status, error, kind
         return batch.attempts
 
     async def finish(
@@ -170,4 +216,8 @@ class Queue:
         return Backlog(**dict(row))
 
     async def prune(self, retention_days: float) -> None:
+        """Finished batches and resolved failures older than the retention go; open failures
+        whose users are all settled are resolved (in case their own resolution did not run)."""
         await self.pool.execute(self.sql["prune"], retention_days * 86400)
+        await self.pool.execute(self.sql["prune_failures"], retention_days * 86400)
+        await self.pool.execute(self.sql["resolve_settled"])

@@ -148,3 +148,36 @@ async def test_updated_at_moving_backwards_is_still_synced(
     assert fake_api.sends["user3@example.com"] == 3
     assert await daemon.stop() == 0
     await assert_in_sync(conn, fake_api)
+
+
+async def test_bulk_touch_where_few_rows_changed_still_sends_full_batches(
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApi,
+    seed: Any,
+    make_config: Callable[..., Path],
+    spawn: Any,
+) -> None:
+    """G2/G4: a job touches updated_at of 20,000 synced rows and really changes 1 % of them. The
+    200 changed users go in batches filled up to batch_size (100), not in a trickle of nearly
+    empty ones; the 19,800 unchanged users are not sent again."""
+    await seed(conn, 20_000)
+    drain = await spawn(make_config(database_url, fake_api.url, **fast()), "run", "--once")
+    assert await drain.wait(timeout=60) == 0, drain.text()[-3000:]
+    assert len(fake_api.state) == 20_000
+    before = len(fake_api.requests)
+
+    await conn.execute(
+        "UPDATE users SET updated_at = clock_timestamp(),"
+        " name = CASE WHEN id % 100 = 0 THEN 'changed' ELSE name END"
+    )
+    daemon = await spawn(make_config(database_url, fake_api.url, **fast(limits={"batch_size": 100})))
+    changed = {f"user{n}@example.com" for n in range(100, 20_001, 100)}
+    await fake_api.wait_for(lambda api: all(api.state[e]["name"] == "changed" for e in changed), timeout=60)
+    await asyncio.sleep(1.0)  # whatever else would go out, has
+    sizes = [len(r.subscribers) for r in fake_api.requests[before:]]
+    assert len(sizes) <= 6, sizes  # 2 at best; nearly empty batches would take about 20
+    assert sum(sizes) == 200
+    assert all(fake_api.sends[e] == 2 for e in changed)
+    assert sum(fake_api.sends.values()) == 20_000 + 200
+    assert await daemon.stop() == 0

@@ -173,3 +173,63 @@ async def test_replay_during_two_running_replicas_keeps_the_quota(
     assert fake_api.violations == 0
     assert fake_api.max_arrivals_in_any_window(2.0) <= 6
     await assert_in_sync(conn, fake_api)
+
+
+async def test_replayed_failure_resolves_when_one_of_its_users_is_gone(
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApi,
+    seed: Any,
+    make_config: Callable[..., Path],
+    spawn: Any,
+) -> None:
+    """A failure of users 7 and 8, replayed after user 8's row was deleted: user 7 is sent, and
+    the failure resolves (one user sent, the other gone) instead of staying open mid-replay."""
+    await seed(conn, 20)
+    fake_api.reject_emails = {"user7@example.com", "user8@example.com"}
+    config = make_config(database_url, fake_api.url, **fast())
+    await run_once(spawn, config)
+    [failure] = await open_failures(config)
+    assert sorted(failure["user_ids"]) == ["7", "8"]
+
+    fake_api.reject_emails = set()
+    await conn.execute("DELETE FROM users WHERE id = 8")
+    replay = await usersyncd("replay-failed", "--config", str(config), "--all")
+    assert replay.returncode == 0, replay.stderr
+    await run_once(spawn, config)
+    assert "user7@example.com" in fake_api.state and "user8@example.com" not in fake_api.state
+    row = await conn.fetchrow("SELECT resolved_at, resolution, replay_outcome FROM usersync.failures")
+    assert row["resolved_at"] is not None
+    assert (row["resolution"], row["replay_outcome"]) == ("synced", "synced")
+    assert await open_failures(config) == []
+
+
+async def test_failure_resolves_when_the_fixed_row_equals_what_the_api_holds(
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApi,
+    seed: Any,
+    make_config: Callable[..., Path],
+    spawn: Any,
+) -> None:
+    """User 3 is sent, then its email is broken (an invalid failure), then restored: the row equals
+    what the API holds, so nothing is sent, and the failure resolves as unchanged."""
+    await seed(conn, 10)
+    config = make_config(database_url, fake_api.url, **fast())
+    await run_once(spawn, config)
+    assert fake_api.sends["user3@example.com"] == 1
+
+    await conn.execute("UPDATE users SET email = 'broken', updated_at = clock_timestamp() WHERE id = 3")
+    await run_once(spawn, config)
+    [failure] = await open_failures(config)
+    assert (failure["kind"], failure["user_ids"]) == ("invalid", ["3"])
+
+    await conn.execute(
+        "UPDATE users SET email = 'user3@example.com', updated_at = clock_timestamp() WHERE id = 3"
+    )
+    await run_once(spawn, config)
+    assert fake_api.sends["user3@example.com"] == 1  # the API held this state already (G4)
+    assert await open_failures(config) == []
+    row = await conn.fetchrow("SELECT resolution FROM usersync.failures WHERE id = $1", failure["id"])
+    assert row["resolution"] == "unchanged"
+    await assert_in_sync(conn, fake_api)

@@ -19,6 +19,7 @@ STATE_TABLES = {
     "batches",
     "requests",
     "failures",
+    "failure_users",
     "pauses",
     "processes",
     "pipelines",  # 0006

@@ -34,11 +34,15 @@ async def users(conn: asyncpg.Connection, *ids: str) -> None:
 
 
 async def fail(conn: asyncpg.Connection, kind: str, *ids: str) -> int:
-    return await conn.fetchval(
+    failure_id = await conn.fetchval(
         f"INSERT INTO {S}.failures (kind, user_ids, error) VALUES ($1, $2, 'HTTP 503') RETURNING id",
         kind,
         list(ids),
     )
+    await conn.executemany(
+        f"INSERT INTO {S}.failure_users (user_id, failure_id) VALUES ($1, $2)", [(u, failure_id) for u in ids]
+    )
+    return failure_id
 
 
 async def state(conn: asyncpg.Connection, user_id: str) -> asyncpg.Record:
@@ -108,6 +112,8 @@ async def test_a_user_out_of_redrives_keeps_its_failure(pool: asyncpg.Pool, conn
     assert (await redrive.redrive_once(pool, S, RETRY)).users == 1
     row = await failure(conn, both)
     assert row["resolved_at"] is None and list(row["user_ids"]) == ["b"]
+    indexed = await conn.fetch(f"SELECT user_id FROM {S}.failure_users WHERE failure_id = $1", both)
+    assert [r["user_id"] for r in indexed] == ["b"]
     assert (await state(conn, "a"))["dirty"] and not (await state(conn, "b"))["dirty"]
 
 

@@ -34,7 +34,7 @@ WHERE b.id = (
     LIMIT 1
     FOR UPDATE SKIP LOCKED
 )
-RETURNING b.id, b.lane, b.user_ids, b.attempts;
+RETURNING b.id, b.lane, b.user_ids, b.attempts, b.last_status, b.last_error, b.last_kind;
 
 -- new_batch --
 -- An empty batch, claimed by its creator, that users are then added to.
@@ -74,19 +74,24 @@ UPDATE {schema}.batches SET user_ids = $2::text[], lane = coalesce($3, lane) WHE
 
 -- drop_users --
 -- Users leaving a batch unsent (unchanged, invalid, missing): they wait again only if they
--- were staged again since they were read ($2: user ids, $3: stage_seq when read).
+-- were staged again since they were read ($2: user ids, $3: stage_seq when read). $4: 'unchanged'
+-- or 'gone' when the API needs nothing for the user (settled, if not staged since), else NULL.
 UPDATE {schema}.sync_state s
 SET batch_id = NULL,
-    dirty = s.stage_seq > r.seq
-FROM unnest($2::text[], $3::bigint[]) AS r(user_id, seq)
+    dirty = s.stage_seq > r.seq,
+    settled_at = CASE WHEN r.settled IS NOT NULL AND s.stage_seq = r.seq
+                      THEN clock_timestamp() ELSE s.settled_at END,
+    settled = CASE WHEN r.settled IS NOT NULL AND s.stage_seq = r.seq THEN r.settled ELSE s.settled END
+FROM unnest($2::text[], $3::bigint[], $4::text[]) AS r(user_id, seq, settled)
 WHERE s.user_id = r.user_id AND s.batch_id = $1;
 
--- gone_after_replay --
--- Replayed failures of users whose rows are gone (deleted, or filtered out): nothing to send.
-UPDATE {schema}.failures
-SET replay_outcome = 'user gone', resolved_at = clock_timestamp(), resolution = 'replayed'
-WHERE resolved_at IS NULL AND replayed_at IS NOT NULL AND replay_outcome IS NULL
-  AND user_ids <@ $1::text[];
+-- members_of --
+-- The users sync_state puts in batch $1 (those taken, even if the batch row was not told yet).
+SELECT user_id FROM {schema}.sync_state WHERE batch_id = $1 ORDER BY user_id;
+
+-- put_back --
+-- Users taken beyond a full batch wait again, still dirty, in their place in the queue.
+UPDATE {schema}.sync_state SET batch_id = NULL WHERE batch_id = $1 AND user_id = ANY($2::text[]);
 
 -- mark_sent --
 -- The API accepted these users with these contents ($2 ids, $3 hashes, $4 updated_at read,
@@ -96,21 +101,55 @@ SET batch_id = NULL,
     sent_hash = r.hash,
     sent_updated_at = r.read_at,
     sent_at = clock_timestamp(),
+    settled_at = clock_timestamp(),
+    settled = 'sent',
     dirty = s.stage_seq > r.seq
 FROM unnest($2::text[], $3::bytea[], $4::timestamptz[], $5::bigint[]) AS r(user_id, hash, read_at, seq)
 WHERE s.user_id = r.user_id AND s.batch_id = $1;
 
 -- resolve_failures --
--- Open failures whose every user has been sent successfully since are resolved by themselves.
+-- Open failures of users $1 whose every user is settled (sent, unchanged or gone) since it
+-- failed resolve by themselves (G7). Found through failure_users (a btree, 1,000 lookups), and
+-- run after the settling transaction committed: of two batches settling users of one failure at
+-- once, the later one to look sees both.
 UPDATE {schema}.failures f
-SET resolved_at = clock_timestamp(), resolution = 'synced',
-    replay_outcome = CASE WHEN f.replayed_at IS NOT NULL THEN 'synced' ELSE f.replay_outcome END
-WHERE f.resolved_at IS NULL AND f.user_ids && $1::text[]
-  AND NOT EXISTS (
-      SELECT 1 FROM unnest(f.user_ids) AS u(user_id)
-      LEFT JOIN {schema}.sync_state s ON s.user_id = u.user_id
-      WHERE s.sent_at IS NULL OR s.sent_at < f.last_failed_at
-  );
+SET resolved_at = clock_timestamp(), resolution = v.how,
+    replay_outcome = CASE WHEN f.replayed_at IS NOT NULL THEN v.how ELSE f.replay_outcome END
+FROM (
+    SELECT o.id, o.last_failed_at,
+           CASE WHEN bool_or(s.settled = 'sent') THEN 'synced'
+                WHEN bool_and(s.settled = 'gone') THEN 'gone' ELSE 'unchanged' END AS how
+    FROM {schema}.failures o
+    CROSS JOIN LATERAL unnest(o.user_ids) AS u(user_id)
+    LEFT JOIN {schema}.sync_state s ON s.user_id = u.user_id
+    WHERE o.id = ANY(ARRAY(SELECT failure_id FROM {schema}.failure_users WHERE user_id = ANY($1::text[])))
+      AND o.resolved_at IS NULL
+    GROUP BY o.id, o.last_failed_at
+    HAVING bool_and(s.settled_at IS NOT NULL AND s.settled_at >= o.last_failed_at)
+) v
+-- the same ids again, so that the rows to update are fetched by key, never by a scan; a
+-- failure that failed again meanwhile (newer last_failed_at) stays open
+WHERE f.id = ANY(ARRAY(SELECT failure_id FROM {schema}.failure_users WHERE user_id = ANY($1::text[])))
+  AND f.id = v.id AND f.resolved_at IS NULL AND f.last_failed_at = v.last_failed_at;
+
+-- resolve_settled --
+-- The same for every open failure: a pass with the pruning, for a resolution whose own step
+-- did not run (the process stopped, the database went away between the two).
+UPDATE {schema}.failures f
+SET resolved_at = clock_timestamp(), resolution = v.how,
+    replay_outcome = CASE WHEN f.replayed_at IS NOT NULL THEN v.how ELSE f.replay_outcome END
+FROM (
+    SELECT o.id, o.last_failed_at,
+           CASE WHEN bool_or(s.settled = 'sent') THEN 'synced'
+                WHEN bool_and(s.settled = 'gone') THEN 'gone' ELSE 'unchanged' END AS how
+    FROM {schema}.failures o
+    CROSS JOIN LATERAL unnest(o.user_ids) AS u(user_id)
+    LEFT JOIN {schema}.sync_state s ON s.user_id = u.user_id
+    WHERE o.resolved_at IS NULL
+    GROUP BY o.id, o.last_failed_at
+    HAVING bool_and(s.settled_at IS NOT NULL AND s.settled_at >= o.last_failed_at)
+) v
+WHERE f.id = v.id AND f.resolved_at IS NULL AND f.last_failed_at = v.last_failed_at;
 
 -- finish_batch --
 -- A batch ends: done (everything sent or dead-lettered) or failed.
@@ -121,8 +160,9 @@ WHERE id = $1;
 
 -- spend_attempt --
 -- One more attempt spent on the batch; the next starts no earlier than $2 seconds from now.
+-- $5: what failed ('exhausted' once attempts run out on API answers, 'error' on preparing).
 UPDATE {schema}.batches
-SET attempts = attempts + 1, last_status = $3, last_error = $4,
+SET attempts = attempts + 1, last_status = $3, last_error = $4, last_kind = $5,
     not_before = clock_timestamp() + make_interval(secs => $2)
 WHERE id = $1
 RETURNING attempts;
@@ -149,25 +189,32 @@ WHERE (claimed_by = $1 OR starts_with(claimed_by, $1 || '/')) AND status = 'clai
 
 -- record_failure --
 -- Dead-letter users. An open failure of the same kind for the same single user is updated
--- instead of a new one; a replayed failure of these users that fails again says so.
-WITH existing AS (
+-- instead of a new one; a replayed failure of these users that fails again says so. Failures
+-- of these users are found through failure_users, which every new failure is added to.
+WITH theirs AS (
+    SELECT DISTINCT failure_id AS id FROM {schema}.failure_users WHERE user_id = ANY($2::text[])
+), existing AS (
     UPDATE {schema}.failures
     SET error = $4, http_status = $5, attempts = attempts + $6, request_id = $7, batch_id = $8,
         payload = $9, last_failed_at = clock_timestamp(), field = $3,
         replay_outcome = CASE WHEN replayed_at IS NOT NULL THEN 'failed again' ELSE replay_outcome END
-    WHERE resolved_at IS NULL AND kind = $1 AND user_ids = $2::text[] AND cardinality($2::text[]) = 1
+    WHERE id IN (SELECT id FROM theirs) AND resolved_at IS NULL AND kind = $1
+      AND user_ids = $2::text[] AND cardinality($2::text[]) = 1
     RETURNING id
 ), inserted AS (
     INSERT INTO {schema}.failures (kind, user_ids, field, error, http_status, attempts, request_id, batch_id, payload)
     SELECT $1, $2::text[], $3, $4, $5, $6, $7, $8, $9
     WHERE NOT EXISTS (SELECT 1 FROM existing)
     RETURNING id
+), indexed AS (
+    INSERT INTO {schema}.failure_users (user_id, failure_id)
+    SELECT DISTINCT u, inserted.id FROM inserted, unnest($2::text[]) AS u
 ), superseded AS (
     UPDATE {schema}.failures
     SET replay_outcome = 'failed again: see failure ' || (SELECT id FROM inserted),
         resolved_at = clock_timestamp(), resolution = 'replayed'
-    WHERE resolved_at IS NULL AND replayed_at IS NOT NULL AND replay_outcome IS NULL
-      AND user_ids && $2::text[] AND EXISTS (SELECT 1 FROM inserted)
+    WHERE id IN (SELECT id FROM theirs) AND resolved_at IS NULL AND replayed_at IS NOT NULL
+      AND replay_outcome IS NULL AND EXISTS (SELECT 1 FROM inserted)
 )
 SELECT id FROM existing UNION ALL SELECT id FROM inserted;
 
@@ -183,3 +230,8 @@ SELECT
 -- Finished batches older than the retention.
 DELETE FROM {schema}.batches
 WHERE finished_at IS NOT NULL AND finished_at < clock_timestamp() - make_interval(secs => $1);
+
+-- prune_failures --
+-- Failures resolved longer ago than the retention (their failure_users rows go with them).
+DELETE FROM {schema}.failures
+WHERE resolved_at IS NOT NULL AND resolved_at < clock_timestamp() - make_interval(secs => $1);

@@ -48,6 +48,10 @@ WITH due AS (
         resolution = CASE WHEN cardinality(kept.user_ids) = 0 THEN 'redriven' END
     FROM kept WHERE f.id = kept.id
     RETURNING f.id
+), unindexed AS (  -- users that left a failure leave its index too
+    DELETE FROM {schema}.failure_users fu
+    USING kept
+    WHERE fu.failure_id = kept.id AND cardinality(kept.user_ids) > 0 AND fu.user_id <> ALL(kept.user_ids)
 )
 SELECT (SELECT count(*) FROM ended) AS failures,
        (SELECT count(*) FROM requeued) AS users,
