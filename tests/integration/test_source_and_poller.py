@@ -133,3 +133,145 @@ async def test_live_lane_rescans_lookback_and_outranks_backfill(
     assert await conn.fetchval("SELECT dirty FROM usersync.sync_state WHERE user_id = '60'")
     again = await service.poll_once()
     assert again.staged == 0
+
+
+def make_service(config: Config, pool: asyncpg.Pool, src: source.Source) -> poller.UserSyncService:
+    return poller.UserSyncService(config, pool, src, work_ready=asyncio.Event())
+
+
+async def lanes(conn: asyncpg.Connection) -> dict[int, int]:
+    """Dirty users by lane."""
+    rows = await conn.fetch("SELECT lane, count(*) AS n FROM usersync.sync_state WHERE dirty GROUP BY lane")
+    return {r["lane"]: r["n"] for r in rows}
+
+
+async def test_rereading_the_lookback_writes_and_locks_nothing(
+    conn: asyncpg.Connection, seed: Any, pool: asyncpg.Pool, database_url: str
+) -> None:
+    """A poll that only re-reads rows already staged (the lookback) leaves sync_state and the
+    cursors untouched: no new row version, no row lock (xmax stays 0)."""
+    await seed(conn, 10)
+    config = make_config(database_url, lookback=60.0)
+    service = make_service(config, pool, await source.inspect(conn, config.source))
+    await service.init_cursors()
+    await service.poll_once()
+    await conn.execute("UPDATE users SET name = name || '+', updated_at = clock_timestamp()")
+    assert (await service.poll_once()).staged == 10
+    await conn.execute("UPDATE usersync.sync_state SET dirty = false")  # as if sent
+    before = await conn.fetch("SELECT user_id, xmin::text, xmax::text FROM usersync.sync_state ORDER BY 1")
+    cursors = await conn.fetch("SELECT lane, xmin::text, xmax::text FROM usersync.cursors ORDER BY 1")
+    idle = await service.poll_once()
+    assert idle.read >= 10 and idle.staged == 0  # the lookback was re-read
+    after = await conn.fetch("SELECT user_id, xmin::text, xmax::text FROM usersync.sync_state ORDER BY 1")
+    assert [tuple(r) for r in after] == [tuple(r) for r in before]
+    assert all(r["xmax"] == "0" for r in after), [tuple(r) for r in after][:3]
+    assert [
+        tuple(r)
+        for r in await conn.fetch("SELECT lane, xmin::text, xmax::text FROM usersync.cursors ORDER BY 1")
+    ] == [tuple(r) for r in cursors]
+
+
+async def test_rows_from_before_the_first_start_are_the_backfills(
+    conn: asyncpg.Connection, seed: Any, pool: asyncpg.Pool, database_url: str
+) -> None:
+    """Rows seeded just before the first start (inside the live lane's lookback) are staged by
+    the backfill, in the paced lane, never in the live lane; a change after the start is live;
+    a row committed late with an old updated_at still arrives, in the paced lane (G11, G3)."""
+    await seed(conn, 3000, updated_at="clock_timestamp()")
+    config = make_config(database_url, lookback=60.0)
+    service = make_service(config, pool, await source.inspect(conn, config.source))
+    service.lookahead = 1000
+    await service.init_cursors()
+    first = await service.poll_once()
+    assert first.live_staged == 0 and not first.caught_up
+    assert await lanes(conn) == {1: 1000}
+
+    await conn.execute("UPDATE users SET name = 'changed', updated_at = clock_timestamp() WHERE id = 2999")
+    # committed late: older than every seeded row (the backfill has passed its key) ...
+    await conn.execute(
+        "INSERT INTO users (id, email, updated_at)"
+        " SELECT 5000, 'late@example.com', min(updated_at) - interval '1 ms' FROM users"
+    )
+    # ... and one the backfill walk has yet to reach
+    first_start = await conn.fetchval("SELECT until_at FROM usersync.cursors WHERE lane = 'backfill'")
+    await conn.execute(
+        "INSERT INTO users (id, email, updated_at) VALUES (6000, 'ahead@example.com', $1::timestamptz - interval '1 ms')",
+        first_start,
+    )
+    second = await service.poll_once()
+    state = {
+        r["user_id"]: r["lane"]
+        for r in await conn.fetch(
+            "SELECT user_id, lane FROM usersync.sync_state WHERE user_id IN ('2999', '5000', '6000')"
+        )
+    }
+    assert state == {"2999": 0, "5000": 1}
+    assert second.live_staged == 1
+
+    await conn.execute("UPDATE usersync.sync_state SET dirty = false")  # as if sent
+    for _ in range(10):
+        if (await service.poll_once()).caught_up:
+            break
+        await conn.execute("UPDATE usersync.sync_state SET dirty = false")
+    assert await conn.fetchval("SELECT lane FROM usersync.sync_state WHERE user_id = '6000'") == 1
+    assert await conn.fetchval("SELECT count(*) FROM usersync.sync_state") == 3002
+    assert await conn.fetchval("SELECT count(*) FROM usersync.sync_state WHERE lane = 0") == 1
+
+
+async def test_a_wave_goes_to_the_paced_lane_and_a_single_change_after_it_is_live(
+    conn: asyncpg.Connection, seed: Any, pool: asyncpg.Pool, database_url: str
+) -> None:
+    """More new versions in a poll than the live lane takes in (a batch per slot) are a wave,
+    paced; a single change after it is live; a wave user changed again moves to the live lane
+    and stays one queue entry; a user sent live before and caught in a later wave is paced."""
+    await seed(conn, 3000)
+    config = make_config(database_url, lookback=60.0)  # a slot: (2 s + 1 %) / 2 requests
+    service = make_service(config, pool, await source.inspect(conn, config.source))
+    service.lookahead = 100_000
+    await service.init_cursors()
+    assert (await service.poll_once()).caught_up
+    await conn.execute("UPDATE usersync.sync_state SET dirty = false")  # the backfill was sent
+
+    await conn.execute("UPDATE users SET name = name || '+', updated_at = clock_timestamp() WHERE id <= 2500")
+    wave = await service.poll_once()
+    assert await lanes(conn) == {1: 2500}
+    assert wave.staged == wave.wave == 2500 and wave.live_staged == 0
+
+    await conn.execute("UPDATE users SET name = 'single', updated_at = clock_timestamp() WHERE id = 2999")
+    await conn.execute("UPDATE users SET name = 'again', updated_at = clock_timestamp() WHERE id = 5")
+    before = await conn.fetchrow("SELECT stage_seq, dirty_since FROM usersync.sync_state WHERE user_id = '5'")
+    single = await service.poll_once()
+    assert single.staged == single.live_staged == 2 and single.wave == 0
+    assert await lanes(conn) == {0: 2, 1: 2499}
+    after = await conn.fetchrow("SELECT stage_seq, dirty_since FROM usersync.sync_state WHERE user_id = '5'")
+    assert after["stage_seq"] == before["stage_seq"] + 1 and after["dirty_since"] == before["dirty_since"]
+
+    await conn.execute("UPDATE usersync.sync_state SET dirty = false")  # all sent
+    await asyncio.sleep(service.slot)  # the live lane's intake of the last slot is over
+    await conn.execute("UPDATE users SET name = name || '+', updated_at = clock_timestamp() WHERE id >= 1800")
+    assert (await service.poll_once()).wave == 1201
+    assert await conn.fetchval("SELECT lane FROM usersync.sync_state WHERE user_id = '2999'") == 1
+
+
+async def test_the_live_lane_takes_in_one_batch_per_slot(
+    conn: asyncpg.Connection, seed: Any, pool: asyncpg.Pool, database_url: str
+) -> None:
+    """Changes that come poll after poll, each below a batch, still make a wave once the live
+    lane has taken in a batch within one quota slot (a nightly job committing in chunks)."""
+    await seed(conn, 2000)
+    config = make_config(database_url, lookback=60.0)
+    service = make_service(config, pool, await source.inspect(conn, config.source))
+    service.lookahead = 100_000
+    service.slot = 3600.0  # no slot ends during the test
+    await service.init_cursors()
+    await service.poll_once()
+    await conn.execute("UPDATE usersync.sync_state SET dirty = false")
+    staged = []
+    for chunk in range(3):
+        await conn.execute(
+            "UPDATE users SET name = 'job', updated_at = clock_timestamp() WHERE id > $1 AND id <= $1 + 400",
+            chunk * 400,
+        )
+        staged.append(await service.poll_once())
+    assert await lanes(conn) == {0: 800, 1: 400}
+    assert [(r.live_staged, r.wave) for r in staged] == [(400, 0), (400, 0), (0, 400)]
