@@ -85,7 +85,10 @@ class UserSyncService:
         moment = self.config.source.start_moment()
         async with self.pool.acquire() as conn, conn.transaction():
             now = await conn.fetchval("SELECT clock_timestamp()")
-            backfill_from = BEGINNING if start_from == "beginning" else moment
+            # the rows stamped within lookback before the first start are the backfill's too
+            # (one of them may still commit): before, the live lane's lookback re-read them
+            recent = now - timedelta(seconds=self.config.source.lookback)
+            backfill_from = BEGINNING if start_from == "beginning" else min(moment or recent, recent)
             created = await conn.fetchval(
                 self.sql["init_cursors"],
                 now,
@@ -123,10 +126,12 @@ class UserSyncService:
             cursor = await conn.fetchrow(self.sql["cursor"], "live")
             first_start = await conn.fetchval(self.sql["first_start"])
             start = cursor["updated_at"] - timedelta(seconds=self.config.source.lookback)
+            if first_start is not None:  # rows from before the first start are the backfill's
+                start = max(start, first_start)
             budget = self._live_budget()
             # counted before staging, to send the whole poll to one lane (a single change
             # in the poll after a wave must not find the live lane full of it)
-            fresh = await conn.fetchval(self._fresh_sql, start, first_start, budget + 1)
+            fresh = await conn.fetchval(self._fresh_sql, start, budget + 1)
         wave = fresh > budget
         lane = PACED if wave else LIVE
         last_id: str | None = None
@@ -209,19 +214,24 @@ class UserSyncService:
                     room,
                     BACKFILL,
                     cursor["until_at"],
+                    self.config.source.lookback,
                 )
-                finished = page["read"] < room
-                await conn.execute(
-                    self.sql["advance_backfill"],
-                    page["last_updated_at"] or cursor["updated_at"],
-                    page["last_id"] or cursor["last_id"],
-                    finished,
-                )
+                # the end, unless the walk waits for rows stamped within lookback
+                finished = page["read"] < room and page["whole"]
+                if page["read"] or finished:
+                    await conn.execute(
+                        self.sql["advance_backfill"],
+                        page["last_updated_at"] or cursor["updated_at"],
+                        page["last_id"] or cursor["last_id"],
+                        finished,
+                    )
             result.read += page["read"]
             result.staged += page["staged"]
             if finished:
                 logger.info("backfill finished: every row that existed at the first start is staged")
                 return True
+            if page["read"] < room:  # waiting for rows stamped within lookback: next poll
+                return False
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll every `poll_interval` until `stop`; a lost database is waited out, never fatal."""

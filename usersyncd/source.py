@@ -55,48 +55,37 @@ class Source:
 
         `scan` is "live", "backfill" or "nulls". Parameters:
         live      $1 start updated_at, $2 start id (text; NULL without has_cursor_id), $3 page
-                  size, $4 lane of changes since the first start (live, or paced for a wave);
-        backfill  the same, $4 lane, $5 the first start (exclusive upper bound on updated_at);
+                  size, $4 lane (live, or paced for a wave);
+        backfill  the same, then $5 the first start (exclusive upper bound on updated_at) and
+                  $6 lookback: a row stamped less than `lookback` before the statement may
+                  still be committed late, so the walk waits for it (`whole`: it did not wait);
         nulls     $1 start id, $2 page size, $3 lane: rows whose updated_at is NULL, by id.
         A row whose version (updated_at; '-infinity' for NULL) sync_state has already seen is
-        left alone: re-reading the lookback writes and locks nothing. The live scan leaves rows
-        from before the first start to the backfill (G11): those the backfill walk has passed
-        (late commits around the first start) are staged in the paced lane, the others wait for
-        the walk. Returns rows read, users staged (and of them in the live lane), the last key."""
+        left alone: re-reading the lookback writes and locks nothing. Returns rows read, users
+        staged (and of them in the live lane), the last key of the page."""
         upd = db.quote_ident(self.config.updated_at_column)
         uid = db.quote_ident(self.config.id_column)
         state = db.quote_ident(state_schema)
+        whole = "true"
         if scan == "nulls":
             start = f"{uid} > $1::text::{self.id_type}" if has_cursor_id else "$1::text IS NULL"
-            where, version, limit, lane = (
-                f"{upd} IS NULL AND {start}",
-                "'-infinity'::timestamptz",
-                "$2",
-                "$3::smallint",
-            )
+            where, version, limit, lane = f"{upd} IS NULL AND {start}", "'-infinity'", "$2", "$3"
         else:
-            start = (
+            where = (
                 f"({upd}, {uid}) > ($1::timestamptz, $2::text::{self.id_type})"
                 if has_cursor_id
                 else f"{upd} >= $1::timestamptz AND $2::text IS NULL"
             )
-            upper = f" AND {upd} < $5::timestamptz" if scan == "backfill" else ""
-            where, version, limit, lane = start + upper, f"{upd}::timestamptz", "$3", "$4::smallint"
-        boundary = ""
-        if scan == "live":
-            # b: the backfill's cursor; its until_at is the first start
-            boundary = f"LEFT JOIN {state}.cursors AS b ON b.lane = 'backfill'"
-            lane = f"""CASE
-                    WHEN b.until_at IS NULL OR p.updated_at >= b.until_at THEN $4::smallint
-                    WHEN b.done
-                      OR (b.last_id IS NULL AND p.updated_at < b.updated_at)
-                      OR (b.last_id IS NOT NULL
-                          AND (p.updated_at, p.key_id) <= (b.updated_at, b.last_id::{self.id_type}))
-                    THEN 1::smallint
-                END"""
+            if scan == "backfill":
+                # the statement's snapshot is taken after statement_timestamp(): rows stamped
+                # before the bound and committed within lookback are visible to it
+                bound = "least($5::timestamptz, statement_timestamp() - make_interval(secs => $6))"
+                where += f" AND {upd} < {bound}"
+                whole = f"{bound} >= $5::timestamptz"
+            version, limit, lane = f"{upd}", "$3", "$4"
         return f"""
             WITH page AS (
-                SELECT {uid} AS key_id, {uid}::text AS user_id, {version} AS updated_at
+                SELECT {uid}::text AS user_id, {version}::timestamptz AS updated_at
                 FROM {self.table}
                 WHERE {where} AND {self.where_filter}
                 ORDER BY {upd}, {uid}
@@ -104,14 +93,12 @@ class Source:
             ), numbered AS (
                 SELECT user_id, updated_at, row_number() OVER () AS n FROM page
             ), fresh AS (
-                SELECT p.user_id, p.updated_at, {lane} AS lane
-                FROM page AS p {boundary}
-                LEFT JOIN {state}.sync_state AS s ON s.user_id = p.user_id
+                SELECT p.user_id, p.updated_at
+                FROM page AS p LEFT JOIN {state}.sync_state AS s ON s.user_id = p.user_id
                 WHERE s.user_id IS NULL OR s.seen_updated_at IS DISTINCT FROM p.updated_at
             ), staged AS (
                 INSERT INTO {state}.sync_state AS s (user_id, seen_updated_at, dirty, lane, stage_seq)
-                SELECT user_id, updated_at, true, lane, 1 FROM fresh
-                WHERE lane IS NOT NULL  -- NULL: the backfill walk will stage it
+                SELECT user_id, updated_at, true, {lane}, 1 FROM fresh
                 ORDER BY user_id  -- every writer of sync_state locks rows in user_id order
                 ON CONFLICT (user_id) DO UPDATE
                     SET seen_updated_at = excluded.seen_updated_at,
@@ -128,16 +115,16 @@ class Source:
             SELECT (SELECT count(*) FROM numbered) AS read,
                    (SELECT count(*) FROM staged) AS staged,
                    (SELECT count(*) FROM staged WHERE lane = 0) AS live_staged,
-                   last.updated_at AS last_updated_at, last.user_id AS last_id
+                   last.updated_at AS last_updated_at, last.user_id AS last_id,
+                   {whole} AS whole
             FROM (SELECT 1) AS one
             LEFT JOIN (SELECT updated_at, user_id FROM numbered ORDER BY n DESC LIMIT 1) AS last
                 ON true
         """
 
     def fresh_count_sql(self, state_schema: str) -> str:
-        """How many versions not staged yet the live scan will find, counted up to a limit
-        (to tell a wave from single changes before staging). $1 scan start, $2 the first start
-        (rows before it are the backfill's), $3 the limit."""
+        """How many versions not staged yet the live scan will find from $1, counted up to $2
+        (to tell a wave from single changes before staging any)."""
         upd = db.quote_ident(self.config.updated_at_column)
         uid = db.quote_ident(self.config.id_column)
         state = db.quote_ident(state_schema)
@@ -146,13 +133,13 @@ class Source:
                 SELECT 1 FROM (
                     SELECT {uid}::text AS user_id, {upd}::timestamptz AS updated_at
                     FROM {self.table}
-                    WHERE {upd} >= greatest($1::timestamptz, $2::timestamptz) AND {self.where_filter}
+                    WHERE {upd} >= $1::timestamptz AND {self.where_filter}
                 ) AS p
                 WHERE NOT EXISTS (
                     SELECT 1 FROM {state}.sync_state AS s
                     WHERE s.user_id = p.user_id AND s.seen_updated_at = p.updated_at
                 )
-                LIMIT $3
+                LIMIT $2
             ) AS fresh
         """
 

@@ -72,7 +72,7 @@ async def test_backfill_pages_through_rows_sharing_one_updated_at(
 ) -> None:
     """12,000 rows with one updated_at: keyset on (updated_at, id) stages each exactly once."""
     await seed(conn, 12_000, updated_at="timestamptz '2026-01-01 00:00:00+00'")
-    config = make_config(database_url, poll_interval=0.1)
+    config = make_config(database_url, poll_interval=0.1, lookback=0.0)  # done at once
     service = poller.UserSyncService(
         config, pool, await source.inspect(conn, config.source), work_ready=asyncio.Event()
     )
@@ -119,14 +119,17 @@ async def test_live_lane_rescans_lookback_and_outranks_backfill(
     )
     await service.init_cursors()
     await service.poll_once()
+    await asyncio.sleep(0.05)
     await conn.execute("UPDATE users SET name = 'live', updated_at = clock_timestamp() WHERE id = 50")
     await service.poll_once()
     row = await conn.fetchrow("SELECT lane, dirty FROM usersync.sync_state WHERE user_id = '50'")
     assert row["lane"] == 0 and row["dirty"]
 
     await conn.execute("UPDATE usersync.sync_state SET dirty = false")
+    # stamped after the first start, behind the cursor: as a transaction committing late
     await conn.execute(
-        "UPDATE users SET updated_at = clock_timestamp() - interval '10 seconds' WHERE id = 60"
+        "UPDATE users SET updated_at = (SELECT updated_at FROM users WHERE id = 50) - interval '1 ms'"
+        " WHERE id = 60"
     )
     result = await service.poll_once()
     assert result.staged == 1
@@ -176,45 +179,42 @@ async def test_rows_from_before_the_first_start_are_the_backfills(
 ) -> None:
     """Rows seeded just before the first start (inside the live lane's lookback) are staged by
     the backfill, in the paced lane, never in the live lane; a change after the start is live;
-    a row committed late with an old updated_at still arrives, in the paced lane (G11, G3)."""
+    a row stamped before the start and committed after it still arrives: the backfill walks
+    rows stamped within lookback only once lookback has passed (G11, G3)."""
     await seed(conn, 3000, updated_at="clock_timestamp()")
-    config = make_config(database_url, lookback=60.0)
+    config = make_config(database_url, lookback=30.0)
     service = make_service(config, pool, await source.inspect(conn, config.source))
     service.lookahead = 1000
     await service.init_cursors()
     first = await service.poll_once()
-    assert first.live_staged == 0 and not first.caught_up
-    assert await lanes(conn) == {1: 1000}
-
-    await conn.execute("UPDATE users SET name = 'changed', updated_at = clock_timestamp() WHERE id = 2999")
-    # committed late: older than every seeded row (the backfill has passed its key) ...
-    await conn.execute(
-        "INSERT INTO users (id, email, updated_at)"
-        " SELECT 5000, 'late@example.com', min(updated_at) - interval '1 ms' FROM users"
-    )
-    # ... and one the backfill walk has yet to reach
+    assert first.staged == 0 and not first.caught_up  # the walk waits for late commits
     first_start = await conn.fetchval("SELECT until_at FROM usersync.cursors WHERE lane = 'backfill'")
-    await conn.execute(
-        "INSERT INTO users (id, email, updated_at) VALUES (6000, 'ahead@example.com', $1::timestamptz - interval '1 ms')",
+    await conn.execute("UPDATE users SET name = 'changed', updated_at = clock_timestamp() WHERE id = 2999")
+    await conn.execute(  # committed late: stamped before the first start
+        "INSERT INTO users (id, email, updated_at) VALUES (5000, 'late@example.com', $1::timestamptz - interval '1 ms')",
         first_start,
     )
     second = await service.poll_once()
-    state = {
-        r["user_id"]: r["lane"]
-        for r in await conn.fetch(
-            "SELECT user_id, lane FROM usersync.sync_state WHERE user_id IN ('2999', '5000', '6000')"
-        )
-    }
-    assert state == {"2999": 0, "5000": 1}
+    assert await lanes(conn) == {0: 1}
     assert second.live_staged == 1
 
-    await conn.execute("UPDATE usersync.sync_state SET dirty = false")  # as if sent
+    # as if lookback had passed: every time moves 31 s into the past
+    await conn.execute("UPDATE users SET updated_at = updated_at - interval '31 s'")
+    await conn.execute("UPDATE usersync.sync_state SET seen_updated_at = seen_updated_at - interval '31 s'")
+    await conn.execute(
+        "UPDATE usersync.cursors SET updated_at = updated_at - interval '31 s', until_at = until_at - interval '31 s'"
+    )
     for _ in range(10):
         if (await service.poll_once()).caught_up:
             break
-        await conn.execute("UPDATE usersync.sync_state SET dirty = false")
-    assert await conn.fetchval("SELECT lane FROM usersync.sync_state WHERE user_id = '6000'") == 1
-    assert await conn.fetchval("SELECT count(*) FROM usersync.sync_state") == 3002
+        assert (
+            await conn.fetchval("SELECT count(*) FROM usersync.sync_state WHERE dirty AND lane = 1") <= 1000
+        )
+        await conn.execute("UPDATE usersync.sync_state SET dirty = false")  # as if sent
+    else:
+        pytest.fail("the backfill did not finish")
+    assert await conn.fetchval("SELECT lane FROM usersync.sync_state WHERE user_id = '5000'") == 1
+    assert await conn.fetchval("SELECT count(*) FROM usersync.sync_state") == 3001
     assert await conn.fetchval("SELECT count(*) FROM usersync.sync_state WHERE lane = 0") == 1
 
 
@@ -229,7 +229,7 @@ async def test_a_wave_goes_to_the_paced_lane_and_a_single_change_after_it_is_liv
     service = make_service(config, pool, await source.inspect(conn, config.source))
     service.lookahead = 100_000
     await service.init_cursors()
-    assert (await service.poll_once()).caught_up
+    assert (await service.poll_once()).staged == 3000
     await conn.execute("UPDATE usersync.sync_state SET dirty = false")  # the backfill was sent
 
     await conn.execute("UPDATE users SET name = name || '+', updated_at = clock_timestamp() WHERE id <= 2500")
