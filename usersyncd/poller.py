@@ -101,8 +101,10 @@ class UserSyncService:
     async def poll_once(self) -> PollResult:
         result = PollResult()
         live_done = await self._poll_live(result)
-        nulls_done = await self._sweep_nulls(result)  # before the backfill: it takes the room first
-        backfill_done = await self._poll_backfill(result)
+        # the paced lane's staging gets a share of the poll, so the next live scan is not late
+        deadline = time.monotonic() + self.config.source.poll_interval / 2
+        nulls_done = await self._sweep_nulls(result, deadline)  # before the backfill: room first
+        backfill_done = await self._poll_backfill(result, deadline)
         result.caught_up = live_done and backfill_done and nulls_done
         if result.staged:
             self.work_ready.set()
@@ -169,10 +171,11 @@ class UserSyncService:
             self._intake.popleft()
         return max(self.config.limits.batch_size - sum(n for _, n in self._intake), 0)
 
-    async def _sweep_nulls(self, result: PollResult) -> bool:
+    async def _sweep_nulls(self, result: PollResult, deadline: float) -> bool:
         """Stage rows with a NULL updated_at not staged yet, walking them by id: one page per
-        poll (more while pages stage something) and only while the paced lane has room.
-        True when the sweep has been through every NULL row since this process started."""
+        poll (more while pages stage something, until `deadline`) and only while the paced
+        lane has room. True when the sweep has been through every NULL row since this process
+        started."""
         if not self.sweep_nulls:
             return True
         while True:
@@ -193,11 +196,12 @@ class UserSyncService:
                 self._nulls_cycles += 1
                 return True
             self._nulls_after = page["last_id"]
-            if not page["staged"]:  # rows seen before: the rest waits for the next poll
+            if not page["staged"] or time.monotonic() > deadline:  # the rest: next poll
                 return self._nulls_cycles > 0
 
-    async def _poll_backfill(self, result: PollResult) -> bool:
-        """Stage the next backfill pages while the lookahead has room. True when finished."""
+    async def _poll_backfill(self, result: PollResult, deadline: float) -> bool:
+        """Stage the next backfill pages while the lookahead has room, one page at least and
+        more until `deadline`. True when finished."""
         while True:
             async with self.pool.acquire() as conn, conn.transaction():
                 cursor = await conn.fetchrow(self.sql["cursor"], "backfill")
@@ -230,8 +234,8 @@ class UserSyncService:
             if finished:
                 logger.info("backfill finished: every row that existed at the first start is staged")
                 return True
-            if page["read"] < room:  # waiting for rows stamped within lookback: next poll
-                return False
+            if page["read"] < room or time.monotonic() > deadline:
+                return False  # (or waiting for rows stamped within lookback) the rest: next poll
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll every `poll_interval` until `stop`; a lost database is waited out, never fatal."""
