@@ -58,7 +58,7 @@ async def _check_source(conn: asyncpg.Connection, config: Config, report) -> Non
     if not nulls:
         report(True, f"no row has a NULL {column}")
     elif config.source.start_from != "beginning":
-        print(f"note {nulls} rows have a NULL {column}: not synced, start_from is not \"beginning\"")
+        print(f'note {nulls} rows have a NULL {column}: not synced, start_from is not "beginning"')
     else:
         print(
             f"note {nulls} rows have a NULL {column}: each is sent once, found by id;"

@@ -77,6 +77,7 @@ class UserSyncService:
         # users the live lane took in over the last slot (in memory: per process)
         self.slot = config.limits.span / config.limits.requests
         self._intake: collections.deque[tuple[float, int]] = collections.deque()
+        self._scanned_at: datetime | None = None  # when this process's last whole live scan began
         self.last: PollResult = PollResult()
 
     async def init_cursors(self) -> None:
@@ -124,10 +125,13 @@ class UserSyncService:
 
     async def _poll_live(self, result: PollResult) -> bool:
         """Scan from the live cursor minus lookback to the end. True when the end was reached."""
+        lookback = timedelta(seconds=self.config.source.lookback)
         async with self.pool.acquire() as conn:
             cursor = await conn.fetchrow(self.sql["cursor"], "live")
             first_start = await conn.fetchval(self.sql["first_start"])
-            start = cursor["updated_at"] - timedelta(seconds=self.config.source.lookback)
+            # a row committed after the last scan began was stamped at most lookback before
+            # (SPEC G3): older rows were all seen by it, and re-reading them is only work
+            start = max(cursor["updated_at"], self._scanned_at or cursor["updated_at"]) - lookback
             if first_start is not None:  # rows from before the first start are the backfill's
                 start = max(start, first_start)
             budget = self._live_budget()
@@ -138,6 +142,7 @@ class UserSyncService:
         lane = PACED if wave else LIVE
         last_id: str | None = None
         staged = 0
+        scanned_at = None
         while True:
             async with self.pool.acquire() as conn, conn.transaction():
                 page = await conn.fetchrow(
@@ -151,7 +156,9 @@ class UserSyncService:
             result.staged += page["staged"]
             result.live_staged += page["live_staged"]
             staged += page["staged"]
+            scanned_at = scanned_at or page["read_at"]
             if page["read"] < PAGE_SIZE:
+                self._scanned_at = scanned_at
                 break
             start, last_id = page["last_updated_at"], page["last_id"]
         if wave and staged:

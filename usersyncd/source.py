@@ -62,7 +62,8 @@ class Source:
         nulls     $1 start id, $2 page size, $3 lane: rows whose updated_at is NULL, by id.
         A row whose version (updated_at; '-infinity' for NULL) sync_state has already seen is
         left alone: re-reading the lookback writes and locks nothing. Returns rows read, users
-        staged (and of them in the live lane), the last key of the page."""
+        staged (and of them in the live lane), the last key of the page, and when the
+        statement began (its snapshot is no older)."""
         upd = db.quote_ident(self.config.updated_at_column)
         uid = db.quote_ident(self.config.id_column)
         state = db.quote_ident(state_schema)
@@ -116,7 +117,7 @@ class Source:
                    (SELECT count(*) FROM staged) AS staged,
                    (SELECT count(*) FROM staged WHERE lane = 0) AS live_staged,
                    last.updated_at AS last_updated_at, last.user_id AS last_id,
-                   {whole} AS whole
+                   {whole} AS whole, statement_timestamp() AS read_at
             FROM (SELECT 1) AS one
             LEFT JOIN (SELECT updated_at, user_id FROM numbered ORDER BY n DESC LIMIT 1) AS last
                 ON true

@@ -280,3 +280,26 @@ async def test_the_live_lane_takes_in_one_batch_per_slot(
         staged.append(await service.poll_once())
     assert await lanes(conn) == {0: 800, 1: 400}
     assert [(r.live_staged, r.wave) for r in staged] == [(400, 0), (400, 0), (0, 400)]
+
+
+async def test_an_idle_poll_rereads_only_the_last_lookback_of_time(
+    conn: asyncpg.Connection, seed: Any, pool: asyncpg.Pool, database_url: str
+) -> None:
+    """After a wave, the live scan re-reads it for `lookback` seconds, not until the next change:
+    a row committing later than that was stamped after the previous scan began, minus lookback."""
+    await seed(conn, 10)
+    config = make_config(database_url, lookback=1.0)
+    service = make_service(config, pool, await source.inspect(conn, config.source))
+    await service.init_cursors()
+    await service.poll_once()
+    await conn.execute("UPDATE users SET name = name || '+', updated_at = clock_timestamp()")
+    assert (await service.poll_once()).read == 10
+    await asyncio.sleep(1.2)
+    await service.poll_once()  # began more than lookback after the rows' stamps
+    idle = await service.poll_once()
+    assert idle.read == 0
+    # a late commit stamped within lookback of the previous scan is still found
+    await conn.execute(
+        "UPDATE users SET name = 'late', updated_at = clock_timestamp() - interval '0.5 s' WHERE id = 3"
+    )
+    assert (await service.poll_once()).live_staged == 1
