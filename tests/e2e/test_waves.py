@@ -13,6 +13,8 @@ import asyncpg
 import pytest
 from helpers import assert_in_sync, fast, wait_in_sync
 
+from usersyncd import status
+from usersyncd.config import load_config
 from usersyncd.fakeapi import FakeApi
 
 pytestmark = [pytest.mark.e2e, pytest.mark.db]
@@ -83,7 +85,8 @@ async def test_a_single_change_overtakes_a_wave_that_drains_at_full_quota(
     settings = fast(limits={"requests": 10, "window": 5.0, "margin": 0.1}, source={"start_from": "now"})
     slot = (5.0 + 0.1) / 10
     fake_api.limit_requests, fake_api.window = 10, 5.0
-    daemon = await spawn(make_config(database_url, fake_api.url, **settings))
+    config = make_config(database_url, fake_api.url, **settings)
+    daemon = await spawn(config)
     await daemon.wait_for_log("cursors created", timeout=30)
     await asyncio.sleep(4 * POLL)  # running, nothing to send: the users existed before it started
     assert not fake_api.requests
@@ -97,10 +100,19 @@ async def test_a_single_change_overtakes_a_wave_that_drains_at_full_quota(
     )
     delay = await change_and_time(conn, fake_api, int(tail))
     assert delay < POLL + slot + 1.0, (delay, fake_api.stats())
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     remaining = 20_000 - sum(len(r.subscribers) for r in fake_api.requests)
     assert remaining > 10_000, remaining  # it went ahead of most of the wave
+    # status shows the lanes (in process: a second interpreter would slow the daemon down)
+    shown = await status.collect(pool, load_config(config, environ={}), count_unstaged=False)
+    assert 0 < shown.wave_ready <= shown.backfill_ready, shown
+    assert f"wave {shown.wave_ready}" in status.render_text(shown)
+    await pool.close()
 
-    await wait_in_sync(conn, fake_api, timeout=60)
+    # a cheap wait: the fake API answers on this loop, and comparing 20,000 users would stall it
+    await fake_api.wait_for(lambda api: api.accepted >= 20, timeout=60, interval=0.1)
+    await asyncio.sleep(4 * POLL)
+    await wait_in_sync(conn, fake_api, timeout=30)
     wave = [r for r in fake_api.requests if r.arrived >= wave_at]
     assert all(r.status == 202 for r in wave)
     assert sorted(len(r.subscribers) for r in wave)[1:] == [1000] * (len(wave) - 1)  # full batches
