@@ -1,17 +1,17 @@
 """UserSyncService: polls the users table and stages changed users for the workers.
 
 Lanes (G11, `sync_state.lane`): 0 `live`, sent first and on any free slot; 1 `paced`, one
-slot apart, with what is left of the quota. The live scan follows rows changed since the
-first start, re-scanning `lookback` seconds behind its cursor so rows committed late by long
-transactions are not missed. Rows from before the first start are the backfill's, whatever
-the lookback re-reads: the backfill walk stages them in the paced lane, at most a bounded
-lookahead (two windows of quota) ahead, so a backlog of millions stays in the source table.
-A poll whose new versions, with the live users already waiting, do not fit in one batch is a
-wave (a migration, a nightly job): it goes to the paced lane too, so a single change staged
-after it still goes first. Rows whose updated_at is NULL have no place in the keyset: a
-sweep by id finds each one not staged yet (a bounded page per poll, in the paced lane).
-Staging is one SQL statement per page, in the transaction that advances the cursor; no row
-is held in memory.
+slot apart, with what is left of the quota. The first start is the boundary. The live scan
+follows rows stamped since then, re-reading the last `lookback` seconds so rows committed late
+by long transactions are not missed. Older rows are the backfill's: its walk stages them in
+the paced lane, at most a bounded lookahead (two windows of quota) ahead, so a backlog of
+millions stays in the source table; it walks rows stamped within `lookback` only once
+`lookback` has passed, so a late commit around the first start is not missed either. The live
+lane takes in at most one batch per quota slot: a poll with more new versions than that is a
+wave (a migration, a nightly job) and goes to the paced lane, so a single change after it
+still goes first. Rows whose updated_at is NULL have no place in the keyset: a sweep by id
+stages each one not staged yet (a page per poll, in the paced lane). Staging is one SQL
+statement per page, in the transaction that advances the cursor; no row is held in memory.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class UserSyncService:
                 self.sql["init_cursors"],
                 now,
                 backfill_from,
-                backfill_from is None or backfill_from >= now,
+                backfill_from >= now,
             )
         if created:
             logger.bind(live_from=now.isoformat(), backfill_from=str(backfill_from)).info("cursors created")

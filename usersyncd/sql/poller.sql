@@ -39,13 +39,6 @@ SELECT count(*) FROM (
     SELECT 1 FROM {schema}.sync_state WHERE dirty AND batch_id IS NULL AND lane = 1 LIMIT $1
 ) AS waiting;
 
--- live_waiting --
--- Users of the live lane not yet taken into a batch (counted up to $1): with a poll's new
--- versions, more than one batch makes the poll a wave.
-SELECT count(*) FROM (
-    SELECT 1 FROM {schema}.sync_state WHERE dirty AND batch_id IS NULL AND lane = 0 LIMIT $1
-) AS waiting;
-
 -- first_start --
 -- The boundary between the lanes: rows older than the first start are the backfill's.
 SELECT until_at FROM {schema}.cursors WHERE lane = 'backfill';
