@@ -89,7 +89,7 @@ class Source:
                 SELECT {uid}::text AS user_id, {version}::timestamptz AS updated_at
                 FROM {self.table}
                 WHERE {where} AND {self.where_filter}
-                ORDER BY {upd}, {uid}
+                ORDER BY {self.table}.{upd}, {self.table}.{uid}  -- the columns (the index's order), not the casts
                 LIMIT {limit}
             ), numbered AS (
                 SELECT user_id, updated_at, row_number() OVER () AS n FROM page

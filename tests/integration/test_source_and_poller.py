@@ -303,3 +303,31 @@ async def test_an_idle_poll_rereads_only_the_last_lookback_of_time(
         "UPDATE users SET name = 'late', updated_at = clock_timestamp() - interval '0.5 s' WHERE id = 3"
     )
     assert (await service.poll_once()).live_staged == 1
+
+
+async def test_a_page_reads_the_index_in_order_also_for_timestamp_without_time_zone(
+    conn: asyncpg.Connection, seed: Any, pool: asyncpg.Pool
+) -> None:
+    """Rails' `timestamp(6) without time zone`: a page walks the (updated_at, id) index and stops
+    at its limit, no sort of the rest of the table (ORDER BY names the columns, not the casts)."""
+    await seed(conn, 20_000)
+    await conn.execute("ALTER TABLE users ALTER COLUMN updated_at TYPE timestamp(6) without time zone")
+    await conn.execute("ALTER TABLE users ALTER COLUMN updated_at DROP NOT NULL")
+    await conn.execute("UPDATE users SET updated_at = NULL WHERE id % 100 = 0")
+    await conn.execute("ANALYZE users")
+    src = await source.inspect(conn, SourceConfig())
+    start = await conn.fetchval("SELECT min(updated_at)::timestamptz FROM users")
+    cases = {
+        "backfill": (start, "5", 1000, 1, await conn.fetchval("SELECT clock_timestamp()"), 0.0),
+        "live": (start, "5", 1000, 0),
+        "nulls": ("5", 1000, 1),
+    }
+    for scan, args in cases.items():
+        sql = src.stage_page_sql("usersync", scan=scan, has_cursor_id=True)
+        plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
+        page = plan.split("CTE numbered")[0]
+        assert "Seq Scan" not in page, (scan, page)
+        if scan == "nulls":  # the index finds them (a few are sorted, never the table)
+            assert "Index Cond: ((updated_at IS NULL)" in page, page
+        else:
+            assert "Sort" not in page, (scan, page)
