@@ -22,7 +22,9 @@ BACKOFF = 0.5  # retry.backoff in these tests: long enough to measure, short eno
 def config(
     make_config: Callable[..., Path], database_url: str, api: FakeApi, **overrides: dict[str, Any]
 ) -> Path:
-    return make_config(database_url, api.url, **fast(retry={"attempts": 3, "backoff": BACKOFF}, **overrides))
+    return make_config(
+        database_url, api.url, **fast(retry={"attempts": 3, "backoff": BACKOFF}, **overrides)
+    )
 
 
 async def failures(conn: asyncpg.Connection) -> list[asyncpg.Record]:
@@ -77,7 +79,9 @@ async def test_500_twice_then_success(
     await asyncio.sleep(2 * BACKOFF)  # nothing more may follow
     assert [r.status for r in fake_api.requests] == [500, 500, 202]
     assert all(set(r.emails) == emails(range(1, 21)) for r in fake_api.requests)
-    assert all(BACKOFF <= gap < BACKOFF + 2.0 for gap in gaps(fake_api.requests)), gaps(fake_api.requests)
+    assert all(BACKOFF <= gap < BACKOFF + 2.0 for gap in gaps(fake_api.requests)), gaps(
+        fake_api.requests
+    )
     assert await failures(conn) == []
     batch = await conn.fetchrow(
         "SELECT status, attempts FROM usersync.batches WHERE cardinality(user_ids) > 0"
@@ -256,7 +260,8 @@ async def test_retry_sends_the_current_row_never_a_stale_one(
 
     mine = [r for r in fake_api.requests[before:] if "user3@example.com" in r.emails]
     names = [
-        (r.status, next(s["name"] for s in r.subscribers if s["email"] == "user3@example.com")) for r in mine
+        (r.status, next(s["name"] for s in r.subscribers if s["email"] == "user3@example.com"))
+        for r in mine
     ]
     assert names == [(500, "v1"), (202, "v2")]
     assert fake_api.sends["user3@example.com"] == 2  # the seed, then v2 once: v1 was never accepted
@@ -281,11 +286,15 @@ async def test_429_retry_after_pauses_all_sending(
     await fake_api.wait_for(lambda api: len(api.state) == 50, timeout=20)
 
     fake_api.script(429, headers={"Retry-After": "1.5"})
-    await conn.execute("UPDATE users SET name = 'first', updated_at = clock_timestamp() WHERE id = 1")
+    await conn.execute(
+        "UPDATE users SET name = 'first', updated_at = clock_timestamp() WHERE id = 1"
+    )
     await fake_api.wait_for(lambda api: any(r.status == 429 for r in api.requests), timeout=10)
     limited = next(r for r in fake_api.requests if r.status == 429)
     # another change during the pause: another batch, which must wait too
-    await conn.execute("UPDATE users SET name = 'second', updated_at = clock_timestamp() WHERE id = 2")
+    await conn.execute(
+        "UPDATE users SET name = 'second', updated_at = clock_timestamp() WHERE id = 2"
+    )
     await fake_api.wait_for(
         lambda api: (
             api.state["user1@example.com"]["name"] == "first"
@@ -304,7 +313,8 @@ async def test_429_retry_after_pauses_all_sending(
     assert await conn.fetchval("SELECT attempts FROM usersync.batches WHERE id = $1", batch_id) == 0
     assert await failures(conn) == []
     assert any(
-        e.get("message", "").startswith("sending paused: the API rate-limited us") for e in daemon.logs()
+        e.get("message", "").startswith("sending paused: the API rate-limited us")
+        for e in daemon.logs()
     )
     assert await daemon.stop() == 0
     await assert_in_sync(conn, fake_api)

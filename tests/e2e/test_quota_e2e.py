@@ -151,7 +151,9 @@ async def test_429_without_retry_after_pauses_one_window(
     first, *rest = fake_api.requests
     assert first.status == 429
     assert min(r.arrived for r in rest) - first.arrived >= window
-    assert not await conn.fetchval("SELECT count(*) FROM usersync.failures")  # a 429 is not the batch's fault
+    assert not await conn.fetchval(
+        "SELECT count(*) FROM usersync.failures"
+    )  # a 429 is not the batch's fault
     await assert_in_sync(conn, fake_api)
 
 
