@@ -53,6 +53,17 @@ async def _check_source(conn: asyncpg.Connection, config: Config, report) -> Non
         f"index on ({config.source.updated_at_column}, {config.source.id_column})"
         + ("" if src.has_keyset_index else " is missing: every poll would scan the whole table"),
     )
+    nulls = await conn.fetchval(src.null_count_sql())
+    column = config.source.updated_at_column
+    if not nulls:
+        report(True, f"no row has a NULL {column}")
+    elif config.source.start_from != "beginning":
+        print(f'note {nulls} rows have a NULL {column}: not synced, start_from is not "beginning"')
+    else:
+        print(
+            f"note {nulls} rows have a NULL {column}: each is sent once, found by id;"
+            f" a change to one is seen when its {column} is set"
+        )
 
 
 async def _probe_api(pool: asyncpg.Pool, config: Config, report, *, spend_slot: bool) -> None:  # type: ignore[no-untyped-def]

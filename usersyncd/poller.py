@@ -1,16 +1,24 @@
 """UserSyncService: polls the users table and stages changed users for the workers.
 
-Two lanes (G11). `live` follows rows changed since the first start, re-scanning `lookback`
-seconds behind its cursor so rows committed late by long transactions are not missed.
-`backfill` walks the rows that existed before the first start, staging only a bounded
-lookahead (two windows of quota) so a backlog of millions stays in the source table.
-Staging is one SQL statement per page, in the transaction that advances the cursor; no row
-is held in memory.
+Lanes (G11, `sync_state.lane`): 0 `live`, sent first and on any free slot; 1 `paced`, one
+slot apart, with what is left of the quota. The first start is the boundary. The live scan
+follows rows stamped since then, re-reading the last `lookback` seconds so rows committed late
+by long transactions are not missed. Older rows are the backfill's: its walk stages them in
+the paced lane, at most a bounded lookahead (two windows of quota) ahead, so a backlog of
+millions stays in the source table; it walks rows stamped within `lookback` only once
+`lookback` has passed, so a late commit around the first start is not missed either. The live
+lane takes in at most one batch per quota slot: a poll with more new versions than that is a
+wave (a migration, a nightly job) and goes to the paced lane, so a single change after it
+still goes first. Rows whose updated_at is NULL have no place in the keyset: a sweep by id
+stages each one not staged yet (a page per poll, in the paced lane). Staging is one SQL
+statement per page, in the transaction that advances the cursor; no row is held in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -22,8 +30,9 @@ from usersyncd.config import Config
 from usersyncd.source import Source
 
 PAGE_SIZE = 5000  # rows per staging statement
-BEGINNING = datetime(1, 1, 1, tzinfo=UTC)  # before any real updated_at
-LIVE, BACKFILL = 0, 1
+BEGINNING = datetime(1, 1, 1, tzinfo=UTC)  # before any real updated_at (sent as '-infinity')
+LIVE, PACED = 0, 1  # sync_state.lane
+BACKFILL = PACED
 
 
 @dataclass
@@ -31,6 +40,7 @@ class PollResult:
     read: int = 0
     staged: int = 0
     live_staged: int = 0  # of which in the live lane
+    wave: int = 0  # of which in the paced lane because the poll was a wave
     caught_up: bool = False  # the live lane reached the end and the backfill is done
 
 
@@ -51,16 +61,23 @@ class UserSyncService:
         self.live_ready = live_ready  # set when live users are staged: they need not wait the pace
         self.sql = db.queries("poller", config.database.state_schema)
         schema = config.database.state_schema
-        self._live_sql = {
-            has_id: source.stage_page_sql(schema, has_cursor_id=has_id, bounded=False)
+        self._page_sql = {
+            (scan, has_id): source.stage_page_sql(schema, scan=scan, has_cursor_id=has_id)
+            for scan in ("live", "backfill", "nulls")
             for has_id in (False, True)
         }
-        self._backfill_sql = {
-            has_id: source.stage_page_sql(schema, has_cursor_id=has_id, bounded=True)
-            for has_id in (False, True)
-        }
-        # Staged but unsent backfill users, at most: two windows of quota.
+        self._fresh_sql = source.fresh_count_sql(schema)
+        # Staged but unsent users of the paced lane, at most: two windows of quota.
         self.lookahead = 2 * config.limits.requests * config.limits.batch_size
+        # The NULL sweep's place (in memory: after a restart it starts over, which only reads).
+        # With start_from other than "beginning" there is no time to compare a NULL with.
+        self.sweep_nulls = config.source.start_from == "beginning"
+        self._nulls_after: str | None = None
+        self._nulls_cycles = 0  # sweeps through every NULL row completed by this process
+        # users the live lane took in over the last slot (in memory: per process)
+        self.slot = config.limits.span / config.limits.requests
+        self._intake: collections.deque[tuple[float, int]] = collections.deque()
+        self._scanned_at: datetime | None = None  # when this process's last whole live scan began
         self.last: PollResult = PollResult()
 
     async def init_cursors(self) -> None:
@@ -69,12 +86,15 @@ class UserSyncService:
         moment = self.config.source.start_moment()
         async with self.pool.acquire() as conn, conn.transaction():
             now = await conn.fetchval("SELECT clock_timestamp()")
-            backfill_from = BEGINNING if start_from == "beginning" else moment
+            # the rows stamped within lookback before the first start are the backfill's too
+            # (one of them may still commit): before, the live lane's lookback re-read them
+            recent = now - timedelta(seconds=self.config.source.lookback)
+            backfill_from = BEGINNING if start_from == "beginning" else min(moment or recent, recent)
             created = await conn.fetchval(
                 self.sql["init_cursors"],
                 now,
                 backfill_from,
-                backfill_from is None or backfill_from >= now,
+                backfill_from >= now,
             )
         if created:
             logger.bind(live_from=now.isoformat(), backfill_from=str(backfill_from)).info("cursors created")
@@ -82,8 +102,11 @@ class UserSyncService:
     async def poll_once(self) -> PollResult:
         result = PollResult()
         live_done = await self._poll_live(result)
-        backfill_done = await self._poll_backfill(result)
-        result.caught_up = live_done and backfill_done
+        # the paced lane's staging gets a share of the poll, so the next live scan is not late
+        deadline = time.monotonic() + self.config.source.poll_interval / 2
+        nulls_done = await self._sweep_nulls(result, deadline)  # before the backfill: room first
+        backfill_done = await self._poll_backfill(result, deadline)
+        result.caught_up = live_done and backfill_done and nulls_done
         if result.staged:
             self.work_ready.set()
         if result.live_staged and self.live_ready is not None:
@@ -92,6 +115,7 @@ class UserSyncService:
         entry = logger.bind(
             rows_read=result.read,
             users_staged=result.staged,
+            live_staged=result.live_staged,
             cursor={r["lane"]: r["updated_at"].isoformat() if r["updated_at"] else None for r in cursors},
         )
         # every poll is logged; at INFO when it found something to send
@@ -101,14 +125,28 @@ class UserSyncService:
 
     async def _poll_live(self, result: PollResult) -> bool:
         """Scan from the live cursor minus lookback to the end. True when the end was reached."""
+        lookback = timedelta(seconds=self.config.source.lookback)
         async with self.pool.acquire() as conn:
             cursor = await conn.fetchrow(self.sql["cursor"], "live")
-        start = cursor["updated_at"] - timedelta(seconds=self.config.source.lookback)
+            first_start = await conn.fetchval(self.sql["first_start"])
+            # a row committed after the last scan began was stamped at most lookback before
+            # (SPEC G3): older rows were all seen by it, and re-reading them is only work
+            start = max(cursor["updated_at"], self._scanned_at or cursor["updated_at"]) - lookback
+            if first_start is not None:  # rows from before the first start are the backfill's
+                start = max(start, first_start)
+            budget = self._live_budget()
+            # counted before staging, to send the whole poll to one lane (a single change
+            # in the poll after a wave must not find the live lane full of it)
+            fresh = await conn.fetchval(self._fresh_sql, start, budget + 1)
+        wave = fresh > budget
+        lane = PACED if wave else LIVE
         last_id: str | None = None
+        staged = 0
+        scanned_at = None
         while True:
             async with self.pool.acquire() as conn, conn.transaction():
                 page = await conn.fetchrow(
-                    self._live_sql[last_id is not None], start, last_id, PAGE_SIZE, LIVE
+                    self._page_sql["live", last_id is not None], start, last_id, PAGE_SIZE, lane
                 )
                 if page["read"]:
                     # never ahead of the database clock: a row stamped in the future would
@@ -116,13 +154,61 @@ class UserSyncService:
                     await conn.execute(self.sql["advance_live"], page["last_updated_at"])
             result.read += page["read"]
             result.staged += page["staged"]
-            result.live_staged += page["staged"]
+            result.live_staged += page["live_staged"]
+            staged += page["staged"]
+            scanned_at = scanned_at or page["read_at"]
             if page["read"] < PAGE_SIZE:
-                return True
+                self._scanned_at = scanned_at
+                break
             start, last_id = page["last_updated_at"], page["last_id"]
+        if wave and staged:
+            result.wave += staged
+            logger.bind(users=staged, live_budget=budget).info(
+                "wave: {} changes in one poll go to the paced lane; single changes keep going first", staged
+            )
+        elif result.live_staged:
+            self._intake.append((time.monotonic(), result.live_staged))
+        return True
 
-    async def _poll_backfill(self, result: PollResult) -> bool:
-        """Stage the next backfill pages while the lookahead has room. True when finished."""
+    def _live_budget(self) -> int:
+        """New versions the live lane may still take in: one batch per quota slot, so that it
+        never needs more than the quota (what is left goes to the paced lane)."""
+        now = time.monotonic()
+        while self._intake and self._intake[0][0] <= now - self.slot:
+            self._intake.popleft()
+        return max(self.config.limits.batch_size - sum(n for _, n in self._intake), 0)
+
+    async def _sweep_nulls(self, result: PollResult, deadline: float) -> bool:
+        """Stage rows with a NULL updated_at not staged yet, walking them by id: one page per
+        poll (more while pages stage something, until `deadline`) and only while the paced
+        lane has room. True when the sweep has been through every NULL row since this process
+        started."""
+        if not self.sweep_nulls:
+            return True
+        while True:
+            async with self.pool.acquire() as conn, conn.transaction():
+                waiting = await conn.fetchval(self.sql["backfill_waiting"], self.lookahead)
+                if waiting >= self.lookahead:
+                    return False
+                page = await conn.fetchrow(
+                    self._page_sql["nulls", self._nulls_after is not None],
+                    self._nulls_after,
+                    PAGE_SIZE,
+                    PACED,
+                )
+            result.read += page["read"]
+            result.staged += page["staged"]
+            if page["read"] < PAGE_SIZE:  # the end: the next poll starts over
+                self._nulls_after = None
+                self._nulls_cycles += 1
+                return True
+            self._nulls_after = page["last_id"]
+            if not page["staged"] or time.monotonic() > deadline:  # the rest: next poll
+                return self._nulls_cycles > 0
+
+    async def _poll_backfill(self, result: PollResult, deadline: float) -> bool:
+        """Stage the next backfill pages while the lookahead has room, one page at least and
+        more until `deadline`. True when finished."""
         while True:
             async with self.pool.acquire() as conn, conn.transaction():
                 cursor = await conn.fetchrow(self.sql["cursor"], "backfill")
@@ -133,25 +219,30 @@ class UserSyncService:
                 if room <= 0:
                     return False
                 page = await conn.fetchrow(
-                    self._backfill_sql[cursor["last_id"] is not None],
+                    self._page_sql["backfill", cursor["last_id"] is not None],
                     cursor["updated_at"],
                     cursor["last_id"],
                     room,
                     BACKFILL,
                     cursor["until_at"],
+                    self.config.source.lookback,
                 )
-                finished = page["read"] < room
-                await conn.execute(
-                    self.sql["advance_backfill"],
-                    page["last_updated_at"] or cursor["updated_at"],
-                    page["last_id"] or cursor["last_id"],
-                    finished,
-                )
+                # the end, unless the walk waits for rows stamped within lookback
+                finished = page["read"] < room and page["whole"]
+                if page["read"] or finished:
+                    await conn.execute(
+                        self.sql["advance_backfill"],
+                        page["last_updated_at"] or cursor["updated_at"],
+                        page["last_id"] or cursor["last_id"],
+                        finished,
+                    )
             result.read += page["read"]
             result.staged += page["staged"]
             if finished:
                 logger.info("backfill finished: every row that existed at the first start is staged")
                 return True
+            if page["read"] < room or time.monotonic() > deadline:
+                return False  # (or waiting for rows stamped within lookback) the rest: next poll
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll every `poll_interval` until `stop`; a lost database is waited out, never fatal."""

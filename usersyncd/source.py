@@ -19,6 +19,10 @@ from usersyncd.errors import SourceError
 
 TIMESTAMP_TYPES = ("timestamp with time zone", "timestamp without time zone")
 
+# The version of a row whose updated_at is NULL: '-infinity', as asyncpg reads it back (and
+# writes it). Never None, so that a deleted row (no version) still differs from a NULL one.
+NULL_VERSION = datetime(1, 1, 1)
+
 
 @dataclass(frozen=True)
 class Source:
@@ -37,74 +41,130 @@ class Source:
         return f"({self.config.filter})" if self.config.filter.strip() else "true"
 
     @property
+    def version_sql(self) -> str:
+        """A row's version: its updated_at, '-infinity' when NULL (never NULL: see NULL_VERSION)."""
+        return f"coalesce({db.quote_ident(self.config.updated_at_column)}::timestamptz, '-infinity')"
+
+    @property
     def columns(self) -> list[str]:
         """The distinct columns the mapped fields read, in mapping order."""
         return list(dict.fromkeys(self.config.fields.values()))
 
-    def stage_page_sql(self, state_schema: str, *, has_cursor_id: bool, bounded: bool) -> str:
-        """One page of the keyset scan, staged into sync_state in the same statement.
+    def stage_page_sql(self, state_schema: str, *, scan: str, has_cursor_id: bool) -> str:
+        """One page of a keyset scan, staged into sync_state in the same statement.
 
-        $1 start updated_at, $2 start id (text; NULL without has_cursor_id), $3 page size,
-        $4 lane, $5 upper bound on updated_at (exclusive; only when bounded).
-        Returns rows read, users staged, and the last key of the page."""
+        `scan` is "live", "backfill" or "nulls". Parameters:
+        live      $1 start updated_at, $2 start id (text; NULL without has_cursor_id), $3 page
+                  size, $4 lane (live, or paced for a wave);
+        backfill  the same, then $5 the first start (exclusive upper bound on updated_at) and
+                  $6 lookback: a row stamped less than `lookback` before the statement may
+                  still be committed late, so the walk waits for it (`whole`: it did not wait);
+        nulls     $1 start id, $2 page size, $3 lane: rows whose updated_at is NULL, by id.
+        A row whose version (updated_at; '-infinity' for NULL) sync_state has already seen is
+        left alone: re-reading the lookback writes and locks nothing. Returns rows read, users
+        staged (and of them in the live lane), the last key of the page, and when the
+        statement began (its snapshot is no older)."""
         upd = db.quote_ident(self.config.updated_at_column)
         uid = db.quote_ident(self.config.id_column)
-        start = (
-            f"({upd}, {uid}) > ($1::timestamptz, $2::text::{self.id_type})"
-            if has_cursor_id
-            else f"{upd} >= $1::timestamptz AND $2::text IS NULL"
-        )
-        upper = f"AND {upd} < $5::timestamptz" if bounded else ""
         state = db.quote_ident(state_schema)
+        whole = "true"
+        if scan == "nulls":
+            start = f"{uid} > $1::text::{self.id_type}" if has_cursor_id else "$1::text IS NULL"
+            where, version, limit, lane = f"{upd} IS NULL AND {start}", "'-infinity'", "$2", "$3"
+        else:
+            where = (
+                f"({upd}, {uid}) > ($1::timestamptz, $2::text::{self.id_type})"
+                if has_cursor_id
+                else f"{upd} >= $1::timestamptz AND $2::text IS NULL"
+            )
+            if scan == "backfill":
+                # the statement's snapshot is taken after statement_timestamp(): rows stamped
+                # before the bound and committed within lookback are visible to it
+                bound = "least($5::timestamptz, statement_timestamp() - make_interval(secs => $6))"
+                where += f" AND {upd} < {bound}"
+                whole = f"{bound} >= $5::timestamptz"
+            version, limit, lane = f"{upd}", "$3", "$4"
         return f"""
             WITH page AS (
-                SELECT {uid}::text AS user_id, {upd}::timestamptz AS updated_at
+                SELECT {uid}::text AS user_id, {version}::timestamptz AS updated_at
                 FROM {self.table}
-                WHERE {start} {upper} AND {self.where_filter}
-                ORDER BY {upd}, {uid}
-                LIMIT $3
+                WHERE {where} AND {self.where_filter}
+                ORDER BY {self.table}.{upd}, {self.table}.{uid}  -- the columns (the index's order), not the casts
+                LIMIT {limit}
             ), numbered AS (
                 SELECT user_id, updated_at, row_number() OVER () AS n FROM page
+            ), fresh AS (
+                SELECT p.user_id, p.updated_at
+                FROM page AS p LEFT JOIN {state}.sync_state AS s ON s.user_id = p.user_id
+                WHERE s.user_id IS NULL OR s.seen_updated_at IS DISTINCT FROM p.updated_at
             ), staged AS (
                 INSERT INTO {state}.sync_state AS s (user_id, seen_updated_at, dirty, lane, stage_seq)
-                SELECT user_id, updated_at, true, $4, 1 FROM page
+                SELECT user_id, updated_at, true, {lane}, 1 FROM fresh
                 ORDER BY user_id  -- every writer of sync_state locks rows in user_id order
                 ON CONFLICT (user_id) DO UPDATE
                     SET seen_updated_at = excluded.seen_updated_at,
                         dirty = true,
                         stage_seq = s.stage_seq + 1,
-                        lane = least(s.lane, excluded.lane),
+                        -- a user already waiting keeps the faster lane; one sent before takes the new one
+                        lane = CASE WHEN s.dirty THEN least(s.lane, excluded.lane) ELSE excluded.lane END,
                         dirty_since = CASE WHEN s.dirty THEN s.dirty_since
                                            ELSE clock_timestamp() END
                     -- a version not seen yet: newer, or older (updated_at can move backwards)
                     WHERE s.seen_updated_at IS DISTINCT FROM excluded.seen_updated_at
-                RETURNING 1
+                RETURNING s.lane
             )
             SELECT (SELECT count(*) FROM numbered) AS read,
                    (SELECT count(*) FROM staged) AS staged,
-                   last.updated_at AS last_updated_at, last.user_id AS last_id
+                   (SELECT count(*) FROM staged WHERE lane = 0) AS live_staged,
+                   last.updated_at AS last_updated_at, last.user_id AS last_id,
+                   {whole} AS whole, statement_timestamp() AS read_at
             FROM (SELECT 1) AS one
             LEFT JOIN (SELECT updated_at, user_id FROM numbered ORDER BY n DESC LIMIT 1) AS last
                 ON true
         """
 
+    def fresh_count_sql(self, state_schema: str) -> str:
+        """How many versions not staged yet the live scan will find from $1, counted up to $2
+        (to tell a wave from single changes before staging any)."""
+        upd = db.quote_ident(self.config.updated_at_column)
+        uid = db.quote_ident(self.config.id_column)
+        state = db.quote_ident(state_schema)
+        return f"""
+            SELECT count(*) FROM (
+                SELECT 1 FROM (
+                    SELECT {uid}::text AS user_id, {upd}::timestamptz AS updated_at
+                    FROM {self.table}
+                    WHERE {upd} >= $1::timestamptz AND {self.where_filter}
+                ) AS p
+                WHERE NOT EXISTS (
+                    SELECT 1 FROM {state}.sync_state AS s
+                    WHERE s.user_id = p.user_id AND s.seen_updated_at = p.updated_at
+                )
+                LIMIT $2
+            ) AS fresh
+        """
+
+    def null_count_sql(self) -> str:
+        """Rows that pass the filter and have a NULL updated_at (for `check`)."""
+        upd = db.quote_ident(self.config.updated_at_column)
+        return f"SELECT count(*) FROM {self.table} WHERE {upd} IS NULL AND {self.where_filter}"
+
     def fetch_sql(self) -> str:
         """Current rows of the given ids ($1 text[]) that pass the filter."""
-        upd = db.quote_ident(self.config.updated_at_column)
         uid = db.quote_ident(self.config.id_column)
         cols = ", ".join(db.quote_ident(c) for c in self.columns)
         return f"""
-            SELECT {uid}::text AS "__usersyncd_id", {upd}::timestamptz AS "__usersyncd_updated_at", {cols}
+            SELECT {uid}::text AS "__usersyncd_id", {self.version_sql} AS "__usersyncd_updated_at", {cols}
             FROM {self.table}
             WHERE {uid} = ANY($1::text[]::{self.id_type}[]) AND {self.where_filter}
         """
 
     async def versions(self, conn: asyncpg.Connection, user_ids: Sequence[str]) -> dict[str, datetime]:
-        """The users' current updated_at, by id (a cheap check before sending a formed batch)."""
-        upd = db.quote_ident(self.config.updated_at_column)
+        """The users' current version (updated_at, NULL_VERSION for NULL), by id: a cheap check
+        before sending a formed batch. A missing id is a deleted or filtered-out row."""
         uid = db.quote_ident(self.config.id_column)
         records = await conn.fetch(
-            f"SELECT {uid}::text AS id, {upd}::timestamptz AS updated_at FROM {self.table}"
+            f"SELECT {uid}::text AS id, {self.version_sql} AS updated_at FROM {self.table}"
             f" WHERE {uid} = ANY($1::text[]::{self.id_type}[]) AND {self.where_filter}",
             list(user_ids),
         )
@@ -122,7 +182,7 @@ class Source:
 @dataclass(frozen=True)
 class Row:
     user_id: str
-    updated_at: datetime
+    updated_at: datetime  # NULL_VERSION when the column is NULL
     values: dict[str, Any]  # column -> value
 
 

@@ -25,7 +25,8 @@ COUNTS = ("live_ready", "backfill_ready", "in_batches", "open_batches", "open_fa
 @dataclass
 class Status:
     live_ready: int  # users waiting in the live lane
-    backfill_ready: int  # backfill users staged, waiting
+    backfill_ready: int  # users of the paced lane (backfill and waves) staged, waiting
+    wave_ready: int  # of which staged for changes since the first start (a wave), not the backfill
     backfill_unstaged: int | None  # source rows the backfill has not reached yet (None: done)
     in_batches: int  # users in open batches (being sent or waiting for a retry)
     open_batches: int
@@ -89,12 +90,15 @@ async def collect(
                 LIVE_AFTER,
             )
         ]
-        cursors = {r["lane"]: dict(r) for r in await conn.fetch(db.queries("poller", schema)["cursors"])}
+        poller_sql = db.queries("poller", schema)
+        cursors = {r["lane"]: dict(r) for r in await conn.fetch(poller_sql["cursors"])}
+        wave_ready = await conn.fetchval(poller_sql["wave_waiting"], None if exact else ESTIMATE_ABOVE)
         unstaged = await _unstaged(conn, config, cursors.get("backfill")) if count_unstaged else None
     users = counts["live_ready"] + counts["backfill_ready"] + (unstaged or 0) + counts["in_batches"]
     return Status(
         live_ready=counts["live_ready"],
         backfill_ready=counts["backfill_ready"],
+        wave_ready=wave_ready,
         backfill_unstaged=unstaged,
         in_batches=counts["in_batches"],
         open_batches=counts["open_batches"],
@@ -168,7 +172,8 @@ def render_text(status: Status) -> str:
         "done" if status.backfill_unstaged is None else f"{status.backfill_unstaged} rows not yet staged"
     )
     lines = [
-        f"backlog:        {status.backlog} users (live {status.live_ready}, backfill {status.backfill_ready} staged, {backfill})",
+        f"backlog:        {status.backlog} users (live lane {status.live_ready}; paced lane {status.backfill_ready}:"
+        f" wave {status.wave_ready}, backfill and redrives {status.backfill_ready - status.wave_ready}; {backfill})",
         f"queued batches: {status.open_batches} ({status.in_batches} users in them)",
         f"quota:          {status.quota_used}/{status.quota_limit} requests in the current {status.window:g} s window;"
         f" next slot frees in {status.next_slot_in:.1f} s",

@@ -72,14 +72,19 @@ async def test_backfill_pages_through_rows_sharing_one_updated_at(
 ) -> None:
     """12,000 rows with one updated_at: keyset on (updated_at, id) stages each exactly once."""
     await seed(conn, 12_000, updated_at="timestamptz '2026-01-01 00:00:00+00'")
-    config = make_config(database_url, poll_interval=0.1)
+    config = make_config(database_url, poll_interval=0.1, lookback=0.0)  # done at once
     service = poller.UserSyncService(
         config, pool, await source.inspect(conn, config.source), work_ready=asyncio.Event()
     )
     service.lookahead = 100_000  # no lookahead limit in this test
     await service.init_cursors()
-    result = await service.poll_once()
-    assert result.staged == 12_000 and result.caught_up
+    staged = 0
+    for _ in range(10):
+        result = await service.poll_once()
+        staged += result.staged
+        if result.caught_up:
+            break
+    assert staged == 12_000 and result.caught_up
     assert (
         await conn.fetchval("SELECT count(DISTINCT user_id) FROM usersync.sync_state WHERE lane = 1")
         == 12_000
@@ -119,17 +124,210 @@ async def test_live_lane_rescans_lookback_and_outranks_backfill(
     )
     await service.init_cursors()
     await service.poll_once()
+    await asyncio.sleep(0.05)
     await conn.execute("UPDATE users SET name = 'live', updated_at = clock_timestamp() WHERE id = 50")
     await service.poll_once()
     row = await conn.fetchrow("SELECT lane, dirty FROM usersync.sync_state WHERE user_id = '50'")
     assert row["lane"] == 0 and row["dirty"]
 
     await conn.execute("UPDATE usersync.sync_state SET dirty = false")
+    # stamped after the first start, behind the cursor: as a transaction committing late
     await conn.execute(
-        "UPDATE users SET updated_at = clock_timestamp() - interval '10 seconds' WHERE id = 60"
+        "UPDATE users SET updated_at = (SELECT updated_at FROM users WHERE id = 50) - interval '1 ms'"
+        " WHERE id = 60"
     )
     result = await service.poll_once()
     assert result.staged == 1
     assert await conn.fetchval("SELECT dirty FROM usersync.sync_state WHERE user_id = '60'")
     again = await service.poll_once()
     assert again.staged == 0
+
+
+def make_service(config: Config, pool: asyncpg.Pool, src: source.Source) -> poller.UserSyncService:
+    return poller.UserSyncService(config, pool, src, work_ready=asyncio.Event())
+
+
+async def lanes(conn: asyncpg.Connection) -> dict[int, int]:
+    """Dirty users by lane."""
+    rows = await conn.fetch("SELECT lane, count(*) AS n FROM usersync.sync_state WHERE dirty GROUP BY lane")
+    return {r["lane"]: r["n"] for r in rows}
+
+
+async def test_rereading_the_lookback_writes_and_locks_nothing(
+    conn: asyncpg.Connection, seed: Any, pool: asyncpg.Pool, database_url: str
+) -> None:
+    """A poll that only re-reads rows already staged (the lookback) leaves sync_state and the
+    cursors untouched: no new row version, no row lock (xmax stays 0)."""
+    await seed(conn, 10)
+    config = make_config(database_url, lookback=60.0)
+    service = make_service(config, pool, await source.inspect(conn, config.source))
+    await service.init_cursors()
+    await service.poll_once()
+    await conn.execute("UPDATE users SET name = name || '+', updated_at = clock_timestamp()")
+    assert (await service.poll_once()).staged == 10
+    await conn.execute("UPDATE usersync.sync_state SET dirty = false")  # as if sent
+    before = await conn.fetch("SELECT user_id, xmin::text, xmax::text FROM usersync.sync_state ORDER BY 1")
+    cursors = await conn.fetch("SELECT lane, xmin::text, xmax::text FROM usersync.cursors ORDER BY 1")
+    idle = await service.poll_once()
+    assert idle.read >= 10 and idle.staged == 0  # the lookback was re-read
+    after = await conn.fetch("SELECT user_id, xmin::text, xmax::text FROM usersync.sync_state ORDER BY 1")
+    assert [tuple(r) for r in after] == [tuple(r) for r in before]
+    assert all(r["xmax"] == "0" for r in after), [tuple(r) for r in after][:3]
+    assert [
+        tuple(r)
+        for r in await conn.fetch("SELECT lane, xmin::text, xmax::text FROM usersync.cursors ORDER BY 1")
+    ] == [tuple(r) for r in cursors]
+
+
+async def test_rows_from_before_the_first_start_are_the_backfills(
+    conn: asyncpg.Connection, seed: Any, pool: asyncpg.Pool, database_url: str
+) -> None:
+    """Rows seeded just before the first start (inside the live lane's lookback) are staged by
+    the backfill, in the paced lane, never in the live lane; a change after the start is live;
+    a row stamped before the start and committed after it still arrives: the backfill walks
+    rows stamped within lookback only once lookback has passed (G11, G3)."""
+    await seed(conn, 3000, updated_at="clock_timestamp()")
+    config = make_config(database_url, lookback=30.0)
+    service = make_service(config, pool, await source.inspect(conn, config.source))
+    service.lookahead = 1000
+    await service.init_cursors()
+    first = await service.poll_once()
+    assert first.staged == 0 and not first.caught_up  # the walk waits for late commits
+    first_start = await conn.fetchval("SELECT until_at FROM usersync.cursors WHERE lane = 'backfill'")
+    await conn.execute("UPDATE users SET name = 'changed', updated_at = clock_timestamp() WHERE id = 2999")
+    await conn.execute(  # committed late: stamped before the first start
+        "INSERT INTO users (id, email, updated_at) VALUES (5000, 'late@example.com', $1::timestamptz - interval '1 ms')",
+        first_start,
+    )
+    second = await service.poll_once()
+    assert await lanes(conn) == {0: 1}
+    assert second.live_staged == 1
+
+    # as if lookback had passed: every time moves 31 s into the past
+    await conn.execute("UPDATE users SET updated_at = updated_at - interval '31 s'")
+    await conn.execute("UPDATE usersync.sync_state SET seen_updated_at = seen_updated_at - interval '31 s'")
+    await conn.execute(
+        "UPDATE usersync.cursors SET updated_at = updated_at - interval '31 s', until_at = until_at - interval '31 s'"
+    )
+    for _ in range(10):
+        if (await service.poll_once()).caught_up:
+            break
+        assert (
+            await conn.fetchval("SELECT count(*) FROM usersync.sync_state WHERE dirty AND lane = 1") <= 1000
+        )
+        await conn.execute("UPDATE usersync.sync_state SET dirty = false")  # as if sent
+    else:
+        pytest.fail("the backfill did not finish")
+    assert await conn.fetchval("SELECT lane FROM usersync.sync_state WHERE user_id = '5000'") == 1
+    assert await conn.fetchval("SELECT count(*) FROM usersync.sync_state") == 3001
+    assert await conn.fetchval("SELECT count(*) FROM usersync.sync_state WHERE lane = 0") == 1
+
+
+async def test_a_wave_goes_to_the_paced_lane_and_a_single_change_after_it_is_live(
+    conn: asyncpg.Connection, seed: Any, pool: asyncpg.Pool, database_url: str
+) -> None:
+    """More new versions in a poll than the live lane takes in (a batch per slot) are a wave,
+    paced; a single change after it is live; a wave user changed again moves to the live lane
+    and stays one queue entry; a user sent live before and caught in a later wave is paced."""
+    await seed(conn, 3000)
+    config = make_config(database_url, lookback=60.0)  # a slot: (2 s + 1 %) / 2 requests
+    service = make_service(config, pool, await source.inspect(conn, config.source))
+    service.lookahead = 100_000
+    await service.init_cursors()
+    assert (await service.poll_once()).staged == 3000
+    await conn.execute("UPDATE usersync.sync_state SET dirty = false")  # the backfill was sent
+
+    await conn.execute("UPDATE users SET name = name || '+', updated_at = clock_timestamp() WHERE id <= 2500")
+    wave = await service.poll_once()
+    assert await lanes(conn) == {1: 2500}
+    assert wave.staged == wave.wave == 2500 and wave.live_staged == 0
+
+    await conn.execute("UPDATE users SET name = 'single', updated_at = clock_timestamp() WHERE id = 2999")
+    await conn.execute("UPDATE users SET name = 'again', updated_at = clock_timestamp() WHERE id = 5")
+    before = await conn.fetchrow("SELECT stage_seq, dirty_since FROM usersync.sync_state WHERE user_id = '5'")
+    single = await service.poll_once()
+    assert single.staged == single.live_staged == 2 and single.wave == 0
+    assert await lanes(conn) == {0: 2, 1: 2499}
+    after = await conn.fetchrow("SELECT stage_seq, dirty_since FROM usersync.sync_state WHERE user_id = '5'")
+    assert after["stage_seq"] == before["stage_seq"] + 1 and after["dirty_since"] == before["dirty_since"]
+
+    await conn.execute("UPDATE usersync.sync_state SET dirty = false")  # all sent
+    await asyncio.sleep(service.slot)  # the live lane's intake of the last slot is over
+    await conn.execute("UPDATE users SET name = name || '+', updated_at = clock_timestamp() WHERE id >= 1800")
+    assert (await service.poll_once()).wave == 1201
+    assert await conn.fetchval("SELECT lane FROM usersync.sync_state WHERE user_id = '2999'") == 1
+
+
+async def test_the_live_lane_takes_in_one_batch_per_slot(
+    conn: asyncpg.Connection, seed: Any, pool: asyncpg.Pool, database_url: str
+) -> None:
+    """Changes that come poll after poll, each below a batch, still make a wave once the live
+    lane has taken in a batch within one quota slot (a nightly job committing in chunks)."""
+    await seed(conn, 2000)
+    config = make_config(database_url, lookback=60.0)
+    service = make_service(config, pool, await source.inspect(conn, config.source))
+    service.lookahead = 100_000
+    service.slot = 3600.0  # no slot ends during the test
+    await service.init_cursors()
+    await service.poll_once()
+    await conn.execute("UPDATE usersync.sync_state SET dirty = false")
+    staged = []
+    for chunk in range(3):
+        await conn.execute(
+            "UPDATE users SET name = 'job', updated_at = clock_timestamp() WHERE id > $1 AND id <= $1 + 400",
+            chunk * 400,
+        )
+        staged.append(await service.poll_once())
+    assert await lanes(conn) == {0: 800, 1: 400}
+    assert [(r.live_staged, r.wave) for r in staged] == [(400, 0), (400, 0), (0, 400)]
+
+
+async def test_an_idle_poll_rereads_only_the_last_lookback_of_time(
+    conn: asyncpg.Connection, seed: Any, pool: asyncpg.Pool, database_url: str
+) -> None:
+    """After a wave, the live scan re-reads it for `lookback` seconds, not until the next change:
+    a row committing later than that was stamped after the previous scan began, minus lookback."""
+    await seed(conn, 10)
+    config = make_config(database_url, lookback=1.0)
+    service = make_service(config, pool, await source.inspect(conn, config.source))
+    await service.init_cursors()
+    await service.poll_once()
+    await conn.execute("UPDATE users SET name = name || '+', updated_at = clock_timestamp()")
+    assert (await service.poll_once()).read == 10
+    await asyncio.sleep(1.2)
+    await service.poll_once()  # began more than lookback after the rows' stamps
+    idle = await service.poll_once()
+    assert idle.read == 0
+    # a late commit stamped within lookback of the previous scan is still found
+    await conn.execute(
+        "UPDATE users SET name = 'late', updated_at = clock_timestamp() - interval '0.5 s' WHERE id = 3"
+    )
+    assert (await service.poll_once()).live_staged == 1
+
+
+async def test_a_page_reads_the_index_in_order_also_for_timestamp_without_time_zone(
+    conn: asyncpg.Connection, seed: Any, pool: asyncpg.Pool
+) -> None:
+    """Rails' `timestamp(6) without time zone`: a page walks the (updated_at, id) index and stops
+    at its limit, no sort of the rest of the table (ORDER BY names the columns, not the casts)."""
+    await seed(conn, 20_000)
+    await conn.execute("ALTER TABLE users ALTER COLUMN updated_at TYPE timestamp(6) without time zone")
+    await conn.execute("ALTER TABLE users ALTER COLUMN updated_at DROP NOT NULL")
+    await conn.execute("UPDATE users SET updated_at = NULL WHERE id % 100 = 0")
+    await conn.execute("ANALYZE users")
+    src = await source.inspect(conn, SourceConfig())
+    start = await conn.fetchval("SELECT min(updated_at)::timestamptz FROM users")
+    cases = {
+        "backfill": (start, "5", 1000, 1, await conn.fetchval("SELECT clock_timestamp()"), 0.0),
+        "live": (start, "5", 1000, 0),
+        "nulls": ("5", 1000, 1),
+    }
+    for scan, args in cases.items():
+        sql = src.stage_page_sql("usersync", scan=scan, has_cursor_id=True)
+        plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
+        page = plan.split("CTE numbered")[0]
+        assert "Seq Scan" not in page, (scan, page)
+        if scan == "nulls":  # the index finds them (a few are sorted, never the table)
+            assert "Index Cond: ((updated_at IS NULL)" in page, page
+        else:
+            assert "Sort" not in page, (scan, page)

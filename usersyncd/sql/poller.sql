@@ -20,10 +20,11 @@ SELECT lane, updated_at, last_id, until_at, done FROM {schema}.cursors WHERE lan
 SELECT lane, updated_at, last_id, until_at, done FROM {schema}.cursors ORDER BY lane;
 
 -- advance_live --
--- The live cursor moves forward only, and never past the database clock.
+-- The live cursor moves forward only, and never past the database clock (a poll that only
+-- re-read the lookback writes nothing).
 UPDATE {schema}.cursors
-SET updated_at = greatest(updated_at, least($1::timestamptz, clock_timestamp())), changed_at = clock_timestamp()
-WHERE lane = 'live';
+SET updated_at = least($1::timestamptz, clock_timestamp()), changed_at = clock_timestamp()
+WHERE lane = 'live' AND updated_at < least($1::timestamptz, clock_timestamp());
 
 -- advance_backfill --
 -- The backfill cursor moves to the last key staged; done when the walk reached the first start.
@@ -32,7 +33,22 @@ SET updated_at = $1, last_id = $2, done = $3, changed_at = clock_timestamp()
 WHERE lane = 'backfill';
 
 -- backfill_waiting --
--- Backfill users staged and not yet taken into a batch (counted up to the lookahead $1).
+-- Users of the paced lane (backfill, waves) staged and not yet taken into a batch (counted
+-- up to the lookahead $1).
 SELECT count(*) FROM (
     SELECT 1 FROM {schema}.sync_state WHERE dirty AND batch_id IS NULL AND lane = 1 LIMIT $1
 ) AS waiting;
+
+-- first_start --
+-- The boundary between the lanes: rows older than the first start are the backfill's.
+SELECT until_at FROM {schema}.cursors WHERE lane = 'backfill';
+
+-- wave_waiting --
+-- Of the paced lane's waiting users, those staged for a change since the first start (waves),
+-- not by the backfill: for status. Counted up to $1 rows (NULL: exact), like status's counts.
+SELECT count(*) FROM (
+    SELECT FROM {schema}.sync_state
+    WHERE dirty AND batch_id IS NULL AND lane = 1
+      AND seen_updated_at >= (SELECT until_at FROM {schema}.cursors WHERE lane = 'backfill')
+    LIMIT $1
+) AS waves;

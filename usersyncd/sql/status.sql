@@ -6,7 +6,7 @@ SELECT
     (SELECT count(*) FROM (SELECT FROM {schema}.sync_state
                            WHERE dirty AND batch_id IS NULL AND lane = 0 LIMIT $1) AS t) AS live_ready,
     (SELECT count(*) FROM (SELECT FROM {schema}.sync_state
-                           WHERE dirty AND batch_id IS NULL AND lane = 1 LIMIT $1) AS t) AS backfill_ready,
+                           WHERE dirty AND batch_id IS NULL AND lane <> 0 LIMIT $1) AS t) AS backfill_ready,
     (SELECT count(*) FROM (SELECT FROM {schema}.sync_state
                            WHERE batch_id IS NOT NULL LIMIT $1) AS t) AS in_batches,
     (SELECT count(*) FROM (SELECT FROM {schema}.batches
@@ -20,8 +20,8 @@ SELECT
 EXPLAIN (FORMAT JSON) SELECT FROM {schema}.sync_state WHERE dirty AND batch_id IS NULL AND lane = 0;
 
 -- backfill_ready_estimate --
--- As above, the backfill lane.
-EXPLAIN (FORMAT JSON) SELECT FROM {schema}.sync_state WHERE dirty AND batch_id IS NULL AND lane = 1;
+-- As above, the paced lanes (backfill and waves; redriven users, lane 3, wait behind them).
+EXPLAIN (FORMAT JSON) SELECT FROM {schema}.sync_state WHERE dirty AND batch_id IS NULL AND lane <> 0;
 
 -- in_batches_estimate --
 -- As above, users in open batches.
