@@ -84,14 +84,13 @@ def learnt_others(
     observed = sorted(seen)
     if not observed:
         return 0, None
-    latest = observed[-1][1]
-    recent = [(when, others) for when, others in observed if when + span > now]
-    highest = max([latest, *(others for _, others in recent)])
     cap = limit - 1
-    figure = min(highest, cap)
-    if highest <= latest or figure <= min(latest, cap):
+    latest = min(observed[-1][1], cap)
+    recent = [(when, min(others, cap)) for when, others in observed if when + span > now]
+    figure = max([latest, *(others for _, others in recent)])
+    if figure == latest:
         return figure, None  # the latest holds it: no drop with time
-    last_high = max(when for when, others in recent if others == highest)
+    last_high = max(when for when, others in recent if others == figure)
     return figure, max(last_high + span - now, 0.0)
 
 

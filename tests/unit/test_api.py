@@ -406,3 +406,19 @@ async def test_the_key_never_leaves(auth: str, respx_mock: respx.MockRouter, log
     assert all(key not in str(value) for value in vars(outcome).values())
     assert logs and all(key not in line for line in logs)
     assert base64.b64encode(f"{key}:".encode()).decode() not in outcome.body_excerpt
+
+
+async def test_send_reports_the_rate_limit_it_counts_down(
+    client: api.ExternalUserApi, respx_mock: respx.MockRouter
+) -> None:
+    """X-RateLimit-Limit comes with Remaining into the outcome and the ledger fields: the quota
+    believes Remaining only for its own limit (SPEC §2); absent, it is None."""
+    route = respx_mock.post(URL + PATH)
+    route.respond(201, headers={"X-RateLimit-Limit": "3600", "X-RateLimit-Remaining": "12"}, json={})
+    outcome = await client.send(SUBSCRIBERS)
+    assert (outcome.rate_limit_limit, outcome.rate_limit_remaining) == (3600, 12)
+    fields = outcome.ledger_fields()
+    assert (fields["rate_limit_limit"], fields["rate_limit_remaining"]) == (3600, 12)
+    route.respond(201, headers={"X-RateLimit-Remaining": "7", "X-RateLimit-Limit": "lots"}, json={})
+    outcome = await client.send(SUBSCRIBERS)
+    assert (outcome.rate_limit_limit, outcome.rate_limit_remaining) == (None, 7)
