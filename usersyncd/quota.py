@@ -172,7 +172,7 @@ class Quota:
                     delay = decision.delay
                     if not self._wakeups.listening:  # a release elsewhere would go unnoticed
                         delay = min(delay, quota_wake.RECHECK)
-                    await _sleep(delay, stop, wakeup)
+                    await quota_wake.sleep(delay, stop, wakeup)
             return None
         except DatabaseError:
             if stop is not None and stop.is_set():
@@ -487,19 +487,6 @@ class Quota:
         if self._wakeup is not None:
             self._wakeup.set()
             self._wakeup = None
-
-
-async def _sleep(delay: float, *events: asyncio.Event | None) -> None:
-    """Sleep `delay` seconds on the event loop, or less if one of `events` is set."""
-    waiters = [asyncio.ensure_future(event.wait()) for event in events if event is not None]
-    if not waiters:
-        await asyncio.sleep(delay)
-        return
-    try:
-        await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
 
 
 def _succeeded(task: asyncio.Future[None]) -> bool:

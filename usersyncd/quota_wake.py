@@ -54,13 +54,7 @@ class Wakeups:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._listen(), name="quota-listener")
         try:
-            events = [self._listening] if stop is None else [self._listening, stop]
-            waiters = [asyncio.ensure_future(event.wait()) for event in events]
-            try:
-                await asyncio.wait(waiters, timeout=READY_WAIT, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in waiters:
-                    waiter.cancel()
+            await sleep(READY_WAIT, self._listening, stop)
             yield
         finally:
             self._waiters -= 1
@@ -106,14 +100,8 @@ class Wakeups:
             self._listening.set()
             self._on_wake()  # a notification may have come while nobody listened: look again
             while self._waiters and not lost.is_set():
-                done, pending = await asyncio.wait(
-                    {asyncio.ensure_future(self._idle.wait()), asyncio.ensure_future(lost.wait())},
-                    timeout=KEEPALIVE,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                for waiter in pending:
-                    waiter.cancel()
-                if not done:  # a silent network can leave a dead connection open: ask it
+                await sleep(KEEPALIVE, self._idle, lost)
+                if self._waiters and not lost.is_set():  # a silent network can leave it dead: ask
                     await conn.fetchval("SELECT 1", timeout=KEEPALIVE)
             if lost.is_set():
                 raise asyncpg.exceptions.ConnectionDoesNotExistError("listening connection closed")
@@ -127,3 +115,16 @@ class Wakeups:
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         if payload == self._schema:
             self._on_wake()
+
+
+async def sleep(delay: float, *events: asyncio.Event | None) -> None:
+    """Sleep `delay` seconds on the event loop, or less if one of `events` is set."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events if event is not None]
+    if not waiters:
+        await asyncio.sleep(delay)
+        return
+    try:
+        await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
