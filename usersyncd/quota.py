@@ -295,7 +295,7 @@ class Quota:
             others=others,
             limit=self.limit,
             slot=slot.id,
-            budget=self.limit - after,
+            budget=quota_math.budget(self.limit, after),
         )
         if after > before:
             entry.warning("the API counts requests of another client on this account; holding back")
