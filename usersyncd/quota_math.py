@@ -72,12 +72,13 @@ def learnt_others(
     """How many requests per span to leave to other clients on the account, and in how many
     seconds that figure may drop with time alone (None: not until a response says so).
 
-    `seen` holds (when, others) of responses (`others_seen`). The figure is the highest seen
-    within the last span, and the latest one always counts: a budget learnt is kept until a
-    response shows more room (SPEC §2), and more room counts once no higher figure was seen for
-    a whole span, so that an answer that happened to come while the other client's window was
-    a request short does not send ours over. At most `limit - 1`: one request per span still
-    goes, and its answer tells when the room comes back.
+    `seen` holds (when, others) of responses (`others_seen`). Each figure counts one more than
+    seen (none stays none): a client steady at any rate holds k or k + 1 requests in a window,
+    depending on where its requests fall, and an answer may have seen the k. The figure is the
+    highest of the last span, and the latest one always counts: a budget learnt is kept until a
+    response shows more room (SPEC §2), and more room counts once no higher figure came for a
+    whole span. At most `limit - 1`: one request per span still goes, and its answer tells when
+    the room comes back.
     """
     if limit < 1:
         raise ValueError("limit must be at least 1")
@@ -85,8 +86,12 @@ def learnt_others(
     if not observed:
         return 0, None
     cap = limit - 1
-    latest = min(observed[-1][1], cap)
-    recent = [(when, min(others, cap)) for when, others in observed if when + span > now]
+
+    def held(others: int) -> int:
+        return min(others + 1, cap) if others > 0 else 0
+
+    latest = held(observed[-1][1])
+    recent = [(when, held(others)) for when, others in observed if when + span > now]
     figure = max([latest, *(others for _, others in recent)])
     if figure == latest:
         return figure, None  # the latest holds it: no drop with time
