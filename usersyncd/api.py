@@ -57,6 +57,7 @@ class Outcome:
     retry_after: float | None  # seconds to wait, for 429 and 5xx when the API said
     rate_limit_remaining: int | None
     rejected_indices: tuple[int, ...] = ()  # for REJECTED; () means the whole batch
+    rate_limit_limit: int | None = None  # X-RateLimit-Limit: which limit Remaining counts down (SPEC §2)
 
     def ledger_fields(self) -> dict[str, object]:
         """What the request ledger keeps of it (`Quota.record(slot, **outcome.ledger_fields())`)."""
@@ -68,6 +69,7 @@ class Outcome:
             "response_request_id": self.response_request_id,
             "error": self.error,
             "rate_limit_remaining": self.rate_limit_remaining,
+            "rate_limit_limit": self.rate_limit_limit,
         }
 
 
@@ -217,6 +219,7 @@ class ExternalUserApi:
             rate_limit_remaining=remaining,
             # an index beyond the batch is not about this batch
             rejected_indices=tuple(index for index in indices if index < users),
+            rate_limit_limit=_non_negative_int(response.headers.get("x-ratelimit-limit")),
         )
 
     def _describe(self, exc: httpx.RequestError | TimeoutError) -> str:

@@ -4,16 +4,18 @@ At most `limits.requests` requests start in any `limits.window`, kept with a mar
 start comes no earlier than `span = window + margin` after the first. The ledger (`requests`, one
 row per start, stamped with the database clock) is the authority, shared by restarts, replicas and
 `replay-failed`; each grant is one transaction under an advisory lock, so grants are serial.
-Pauses (`pauses`) stop every sender of every replica: 429 until a time, 401/403 until a probe works.
+Pauses (`pauses`) stop every sender of every replica: 429 until a time, 401/403 until a probe works;
+a slot granted before a pause is not sent into it (`confirm`). Another client on the same account
+shows in the API's X-RateLimit-Remaining: what it uses is left to it (`quota_math.learnt_others`).
+The arithmetic is in `quota_math`; waking waiters of other processes in `quota_wake`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, NamedTuple
@@ -22,57 +24,19 @@ import asyncpg
 from aiolimiter import AsyncLimiter
 from loguru import logger
 
-from usersyncd import db
+from usersyncd import db, quota_math, quota_wake
 from usersyncd.config import LimitsConfig
 from usersyncd.errors import DatabaseError
+
+# the arithmetic, where callers and tests have always found it
+grant_delay = quota_math.grant_delay
+pace_delay = quota_math.pace_delay
+pace_place = quota_math.pace_place
 
 PauseReason = Literal["rate_limited", "credentials"]
 KINDS = ("send", "retry", "replay", "probe")
 LEDGER_READ_SLACK = 1.0  # seconds read beyond the span, so grant_delay alone draws the line
 ERROR_MAX = 2048  # characters of an error kept in the ledger
-
-
-def grant_delay(starts: Sequence[float], now: float, limit: int, span: float) -> float:
-    """Seconds from `now` until one more request may start; 0.0 if it may start now.
-
-    `starts` are earlier start times (seconds, any epoch). A start holds its slot while
-    `start + span > now`; older ones are ignored. With `limit` slots held, the answer is when
-    enough of the oldest leave the span: `starts[-limit] + span - now`, always > 0, and a
-    request at exactly `now + delay` is granted (no wait longer than needed, G2).
-    """
-    if limit < 1:
-        raise ValueError("limit must be at least 1")
-    held = sorted(start for start in starts if start + span > now)
-    if len(held) < limit:
-        return 0.0
-    frees_at = held[len(held) - limit] + span
-    delay = frees_at - now
-    # Rounding may leave now + delay a hair short of frees_at: step up until it is not.
-    step = math.ulp(max(abs(now), abs(frees_at), delay))
-    while now + delay < frees_at:
-        delay += step
-        step *= 2
-    return delay
-
-
-def pace_delay(grants: Sequence[float], now: float, limit: int, span: float) -> float:
-    """Seconds from `now` until a paced request may start: one slot (`span / limit`) after the
-    latest grant. Backfill is paced so that it never spends a window's quota in a burst and
-    leaves a live change waiting for the window to turn (G11); at the same rate, it uses the
-    whole quota (G2)."""
-    if not grants:
-        return 0.0
-    return max(0.0, max(grants) + span / limit - now)
-
-
-def pace_place(last: float | None, limit: int, span: float) -> float:
-    """Where a paced grant made now stands in the pace, relative to now (<= 0): one slot after the
-    previous one, so that a grant a little late (a sleep, a transaction) does not push every later
-    one back; after a pause of more than a quarter slot, the pace starts again from about now."""
-    slot = span / limit
-    if last is None:
-        return 0.0
-    return min(0.0, max(last + slot, -slot / 4))
 
 
 @dataclass(frozen=True)
@@ -91,18 +55,20 @@ class QuotaState:
 
     limit: int
     window: float
-    used: int  # starts within the last span
+    used: int  # starts within the last span, and those of other clients on the account (`others`)
     next_free_in: float  # seconds until a slot frees (0: one is free now); pauses aside
     next_paced_in: float  # seconds until a paced (backfill) request may start; pauses aside
     paused: str | None  # 'rate_limited' | 'credentials' | None
     paused_for: float | None  # seconds left of the pause (0: a credentials probe is due)
     pause_detail: str | None
+    others: int = 0  # requests per span left to another client on the account (X-RateLimit-Remaining)
 
 
 class _Wait(NamedTuple):
     delay: float
     used: int
     paused: str | None
+    others: int
 
 
 class Quota:
@@ -143,7 +109,9 @@ class Quota:
         # queue here in order instead of all polling the database.
         self._limiter: AsyncLimiter | None = None  # created inside the running loop
         self._spare_tokens = 0
-        self._wakeup: asyncio.Event | None = None  # set when a local release/resume frees sending
+        self._wakeup: asyncio.Event | None = None  # set when a release/resume frees sending
+        self._wakeups = quota_wake.Wakeups(pool, schema, self._wake_waiters)  # other processes'
+        self._ignored_limit: int | None = None  # an X-RateLimit-Limit already warned about
 
     async def acquire(
         self,
@@ -170,31 +138,41 @@ class Quota:
             token, waited = await self._take_token(stop)
             if not token:
                 return None
-            while not (stop is not None and stop.is_set()):
-                wakeup = self._wakeup_event()  # before the look, so no wake-up is missed
-                look = functools.partial(self._try_grant, kind, batch_id, attempt, users, paced)
-                decision = await db.retrying(look, what="quota.acquire", stop=stop)
-                if isinstance(decision, Slot):
-                    token = False  # spent on this start
-                    self.granted += 1
+            async with contextlib.AsyncExitStack() as listening:
+                heard = False  # whether other processes' notifications reach this acquire
+                while not (stop is not None and stop.is_set()):
+                    wakeup = self._wakeup_event()  # before the look, so no wake-up is missed
+                    look = functools.partial(self._try_grant, kind, batch_id, attempt, users, paced)
+                    decision = await db.retrying(look, what="quota.acquire", stop=stop)
+                    if isinstance(decision, Slot):
+                        token = False  # spent on this start
+                        self.granted += 1
+                        logger.bind(
+                            slot=decision.id,
+                            kind=kind,
+                            batch_id=batch_id,
+                            probe=decision.probe,
+                            waited_s=round(loop.time() - began, 3),
+                        ).debug("quota slot granted")
+                        return decision
+                    waited = True
+                    if not heard:  # from now on other processes' releases wake this one
+                        heard = True
+                        await listening.enter_async_context(self._wakeups.waiting(stop))
+                        continue  # look again: what they freed before LISTEN is in the ledger
                     logger.bind(
-                        slot=decision.id,
                         kind=kind,
                         batch_id=batch_id,
-                        probe=decision.probe,
-                        waited_s=round(loop.time() - began, 3),
-                    ).debug("quota slot granted")
-                    return decision
-                waited = True
-                logger.bind(
-                    kind=kind,
-                    batch_id=batch_id,
-                    wait_s=round(decision.delay, 3),
-                    used=decision.used,
-                    limit=self.limit,
-                    paused=decision.paused,
-                ).debug("quota: waiting for a slot")
-                await _sleep(decision.delay, stop, wakeup)
+                        wait_s=round(decision.delay, 3),
+                        used=decision.used,
+                        limit=self.limit,
+                        others=decision.others,
+                        paused=decision.paused,
+                    ).debug("quota: waiting for a slot")
+                    delay = decision.delay
+                    if not self._wakeups.listening:  # a release elsewhere would go unnoticed
+                        delay = min(delay, quota_wake.RECHECK)
+                    await quota_wake.sleep(delay, stop, wakeup)
             return None
         except DatabaseError:
             if stop is not None and stop.is_set():
@@ -216,6 +194,7 @@ class Quota:
                 await conn.execute(self._sql["delete_start"], slot.id)
                 if slot.probe:
                     await conn.execute(self._sql["reopen_probe"])
+                await conn.execute(self._sql["notify_freed"], self._schema)  # other processes' waiters
 
         await db.retrying(give_back, what="quota.release")
         self._give_token_back()
@@ -223,22 +202,33 @@ class Quota:
         logger.bind(slot=slot.id, kind=slot.kind).debug("quota slot released unused")
 
     async def confirm(self, slot: Slot) -> Slot | None:
-        """Re-stamp a granted slot at the moment its request really starts.
+        """Re-stamp a granted slot at the moment its request really starts; None if it must not.
 
         Between the grant and the send, the worker reads and validates the batch; the API counts
         by arrival, so the ledger must hold the real start, not the grant. Moving a stamp later
         is safe while less than a span has passed since the grant: only grants a whole span
-        after it consult this row, and they will see the new stamp. Returns the slot with its
-        new stamp, or None if a span has passed (the caller releases it and acquires again).
+        after it consult this row, and they will see the new stamp. None (the caller releases
+        the slot and acquires again, which waits) if a span has passed, or if a pause began
+        since the grant (a 429 or 401/403 that another worker or replica met meanwhile): the
+        request is not sent into it. Under the ledger lock, as pause() is: one comes first.
         """
 
-        async def restamp() -> datetime | None:
+        async def restamp() -> tuple[datetime | None, str | None]:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(self._sql["lock_ledger"], self._schema)
-                return await conn.fetchval(self._sql["confirm_start"], slot.id, self.span)
+                pauses = await conn.fetch(self._sql["pauses"], None)
+                refused = quota_math.pause_refuses(
+                    ((row["reason"], row["remaining"]) for row in pauses), slot.probe
+                )
+                if refused is not None:
+                    return None, refused
+                return await conn.fetchval(self._sql["confirm_start"], slot.id, self.span), None
 
-        started_at = await db.retrying(restamp, what="quota.confirm")
+        started_at, paused = await db.retrying(restamp, what="quota.confirm")
         if started_at is None:
+            logger.bind(slot=slot.id, kind=slot.kind, paused=paused).debug(
+                "quota slot not confirmed: {}", "sending paused since the grant" if paused else "stale"
+            )
             return None
         return dataclasses.replace(slot, started_at=started_at)
 
@@ -253,27 +243,30 @@ class Quota:
         response_request_id: str | None,
         error: str | None,
         rate_limit_remaining: int | None = None,
+        rate_limit_limit: int | None = None,
     ) -> None:
-        """Store a request's result in its ledger row; believe the API's remaining count if lower.
+        """Store a request's result in its ledger row, and what it says of other clients.
 
         The API counts arrivals, and a request has arrived by the time its answer comes: the row's
         stamp moves to no earlier than `margin` before the answer. Whatever delayed the request
         between `confirm()` and the wire (a busy event loop, a new connection) is then covered by
         the margin, and a request that was quick costs nothing.
 
-        The API's `X-RateLimit-Remaining` describes the moment the request arrived, so it is
-        compared with what the ledger held when the request started (requests started later may
-        already be in flight). What the API counts beyond our own starts is another client's:
-        those not yet in the ledger are added as 'external' rows stamped now, so the lower figure
-        wins until they leave the span.
+        The API's `X-RateLimit-Remaining` describes its window when the request arrived: what it
+        counts beyond our own starts in that window is other clients' (`others`, kept in the row;
+        not believed if `X-RateLimit-Limit` names another limit). Grants leave them room
+        (`quota_math.learnt_others`) until responses show more room.
         """
 
-        async def store() -> int:
+        async def store() -> tuple[int | None, int, int]:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(self._sql["lock_ledger"], self._schema)
-                held = None
+                others = before = None
                 if rate_limit_remaining is not None:  # counted before this row is re-stamped
-                    held = await conn.fetchrow(self._sql["ledger_at"], slot.started_at, self.span)
+                    ours = await conn.fetchval(self._sql["ours_at"], slot.started_at, self.limits.window)
+                    others = quota_math.others_seen(self.limit, rate_limit_remaining, rate_limit_limit, ours)
+                if others is not None:
+                    before, _ = await self._learnt(conn)
                 await conn.execute(
                     self._sql["record_result"],
                     slot.id,
@@ -285,23 +278,38 @@ class Quota:
                     error[:ERROR_MAX] if error else error,
                     self.span,
                     self.limits.margin,
+                    rate_limit_remaining,
+                    rate_limit_limit,
+                    others,
                 )
-                if held is None or rate_limit_remaining is None:
-                    return 0
-                theirs = self.limit - max(rate_limit_remaining, 0) - held["ours"]
-                missing = min(theirs - held["external"], self.limit)
-                if missing > 0:
-                    await conn.execute(self._sql["insert_external"], missing, self._worker)
-                return max(missing, 0)
+                if others is None or before is None:
+                    return others, 0, 0
+                after, _ = await self._learnt(conn)
+                if after < before:  # more room: waiters here and elsewhere may start earlier
+                    await conn.execute(self._sql["notify_freed"], self._schema)
+                return others, before, after
 
-        added = await db.retrying(store, what="quota.record")
-        if added:
-            logger.bind(
-                remaining=rate_limit_remaining,
-                external_added=added,
-                limit=self.limit,
-                slot=slot.id,
-            ).warning("the API counts requests of another client on this account; holding back")
+        others, before, after = await db.retrying(store, what="quota.record")
+        entry = logger.bind(
+            remaining=rate_limit_remaining,
+            others=others,
+            limit=self.limit,
+            slot=slot.id,
+            budget=quota_math.budget(self.limit, after),
+        )
+        if after > before:
+            entry.warning("the API counts requests of another client on this account; holding back")
+        elif after < before:
+            self._wake_waiters()
+            entry.info("the API shows more room on the shared account; sending faster")
+        if others is None and rate_limit_remaining is not None and rate_limit_limit != self._ignored_limit:
+            self._ignored_limit = rate_limit_limit
+            logger.bind(api_limit=rate_limit_limit, limit=self.limit).warning(
+                "X-RateLimit-Limit {} is not limits.requests {}: X-RateLimit-Remaining describes another"
+                " limit and is ignored",
+                rate_limit_limit,
+                self.limit,
+            )
 
     async def pause(self, reason: PauseReason, seconds: float, detail: str) -> None:
         """Stop sending in every replica: `seconds` for a 429; until a probe works for 401/403."""
@@ -330,7 +338,10 @@ class Quota:
         async def delete() -> asyncpg.Record | None:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(self._sql["lock_ledger"], self._schema)
-                return await conn.fetchrow(self._sql["delete_pause"], reason)
+                ended = await conn.fetchrow(self._sql["delete_pause"], reason)
+                if ended is not None:  # other processes' waiters may start now
+                    await conn.execute(self._sql["notify_freed"], self._schema)
+                return ended
 
         ended = await db.retrying(delete, what="quota.resume")
         if ended is not None:
@@ -340,13 +351,15 @@ class Quota:
     async def state(self) -> QuotaState:
         """Used slots, the next free one and the pause, as the database sees them now."""
 
-        async def read() -> tuple[list[float], float | None, list[asyncpg.Record]]:
+        async def read() -> tuple[list[float], float | None, list[asyncpg.Record], int]:
             async with self._pool.acquire() as conn, conn.transaction(readonly=True):
                 now, starts = await conn.fetchrow(self._sql["ledger_window"], self.span + LEDGER_READ_SLACK)
                 last = await conn.fetchval(self._sql["last_grant"], now, self.span)
-                return starts, last, await conn.fetch(self._sql["pauses"], now)
+                others, _ = await self._learnt(conn, now)
+                return starts, last, await conn.fetch(self._sql["pauses"], now), others
 
-        starts, last_grant, pauses = await db.retrying(read, what="quota.state")
+        starts, last_grant, pauses, others = await db.retrying(read, what="quota.state")
+        allowed = quota_math.budget(self.limit, others)
         by_reason = {row["reason"]: row for row in pauses}
         current = by_reason.get("credentials")  # paused until a probe works, even between probes
         rate_limited = by_reason.get("rate_limited")
@@ -355,15 +368,16 @@ class Quota:
         return QuotaState(
             limit=self.limit,
             window=self.limits.window,
-            used=sum(1 for start in starts if start + self.span > 0),
-            next_free_in=grant_delay(starts, 0.0, self.limit, self.span),
+            used=sum(1 for start in starts if start + self.span > 0) + others,
+            next_free_in=grant_delay(starts, 0.0, allowed, self.span),
             next_paced_in=max(
-                grant_delay(starts, 0.0, self.limit, self.span),
-                pace_delay([] if last_grant is None else [last_grant], 0.0, self.limit, self.span),
+                grant_delay(starts, 0.0, allowed, self.span),
+                pace_delay([] if last_grant is None else [last_grant], 0.0, allowed, self.span),
             ),
             paused=current["reason"] if current else None,
             paused_for=max(current["remaining"] or 0.0, 0.0) if current else None,
             pause_detail=current["detail"] if current else None,
+            others=others,
         )
 
     async def prune(self, retention_days: float) -> int:
@@ -393,15 +407,22 @@ class Quota:
             if any(r["reason"] == "rate_limited" and (r["remaining"] or 0) <= 0 for r in pauses):
                 await conn.execute(self._sql["end_rate_limit"], now)
                 logger.info("rate-limit pause over")
-            delay = max(pause_left, grant_delay(starts, 0.0, self.limit, self.span))
+            others, drop_in = await self._learnt(conn, now)  # another client's share of the account
+            allowed = quota_math.budget(self.limit, others)
+            ledger_delay = grant_delay(starts, 0.0, allowed, self.span)
             place = None  # a paced grant's place in the pace, relative to now
             if paced:
                 last = await conn.fetchval(self._sql["last_grant"], now, self.span)
-                delay = max(delay, pace_delay([] if last is None else [last], 0.0, self.limit, self.span))
-                place = pace_place(last, self.limit, self.span)
+                ledger_delay = max(
+                    ledger_delay, pace_delay([] if last is None else [last], 0.0, allowed, self.span)
+                )
+                place = pace_place(last, allowed, self.span)
+            if drop_in is not None:  # the other client's share may shrink before then: look again
+                ledger_delay = min(ledger_delay, drop_in)
+            delay = max(pause_left, ledger_delay)
             if delay > 0:
                 paused = next((r["reason"] for r in pauses if (r["remaining"] or 0) > 0), None)
-                return _Wait(delay, used, paused)
+                return _Wait(delay, used, paused, others)
             probe = any(row["reason"] == "credentials" for row in pauses)
             if probe:  # the pause is due for a probe: this request is it, the next one later
                 await conn.execute(self._sql["schedule_probe"], self._probe_every)
@@ -413,6 +434,17 @@ class Quota:
                 "credentials probe: this request tests the API key"
             )
         return Slot(id=row["id"], started_at=row["started_at"], kind=kind, probe=probe)
+
+    async def _learnt(
+        self, conn: asyncpg.Connection, now: datetime | None = None
+    ) -> tuple[int, float | None]:
+        """Requests per span left to other clients on the account, and when that may drop (s)."""
+        times, counts = await conn.fetchrow(self._sql["others_seen"], now, self.span)
+        return quota_math.learnt_others(zip(times, counts, strict=True), 0.0, self.limit, self.span)
+
+    async def aclose(self) -> None:
+        """Stop listening for other processes' wake-ups (also stops by itself when nobody waits)."""
+        await self._wakeups.aclose()
 
     async def _take_token(self, stop: asyncio.Event | None) -> tuple[bool, bool]:
         """(got a limiter token, had to wait for it); no token when `stop` came first."""
@@ -455,19 +487,6 @@ class Quota:
         if self._wakeup is not None:
             self._wakeup.set()
             self._wakeup = None
-
-
-async def _sleep(delay: float, *events: asyncio.Event | None) -> None:
-    """Sleep `delay` seconds on the event loop, or less if one of `events` is set."""
-    waiters = [asyncio.ensure_future(event.wait()) for event in events if event is not None]
-    if not waiters:
-        await asyncio.sleep(delay)
-        return
-    try:
-        await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
 
 
 def _succeeded(task: asyncio.Future[None]) -> bool:

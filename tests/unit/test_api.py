@@ -452,3 +452,17 @@ async def test_a_short_key_leaves_the_rest_of_the_answer_readable(respx_mock: re
         outcome = await instance.send(SUBSCRIBERS)
     assert outcome.response_request_id == "fake-5"
     assert outcome.body_excerpt == '{"error": "unknown token ***", "hint": "check the key"}'
+async def test_send_reports_the_rate_limit_it_counts_down(
+    client: api.ExternalUserApi, respx_mock: respx.MockRouter
+) -> None:
+    """X-RateLimit-Limit comes with Remaining into the outcome and the ledger fields: the quota
+    believes Remaining only for its own limit (SPEC §2); absent, it is None."""
+    route = respx_mock.post(URL + PATH)
+    route.respond(201, headers={"X-RateLimit-Limit": "3600", "X-RateLimit-Remaining": "12"}, json={})
+    outcome = await client.send(SUBSCRIBERS)
+    assert (outcome.rate_limit_limit, outcome.rate_limit_remaining) == (3600, 12)
+    fields = outcome.ledger_fields()
+    assert (fields["rate_limit_limit"], fields["rate_limit_remaining"]) == (3600, 12)
+    route.respond(201, headers={"X-RateLimit-Remaining": "7", "X-RateLimit-Limit": "lots"}, json={})
+    outcome = await client.send(SUBSCRIBERS)
+    assert (outcome.rate_limit_limit, outcome.rate_limit_remaining) == (None, 7)

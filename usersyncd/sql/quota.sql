@@ -2,8 +2,14 @@
 -- {schema} is replaced by the quoted state_schema. Times come from the database clock.
 
 -- lock_ledger --
--- Serialise every quota decision of every process sharing this schema, until the transaction ends.
-SELECT pg_advisory_xact_lock(hashtext('usersyncd.quota:' || $1))
+-- Serialise every quota decision of every process sharing this schema, until the transaction ends;
+-- and commit it at least with synchronous_commit = on (remote_apply stays): the ledger must survive
+-- a failover even where the operator's default is off (a lost grant frees a slot that was used).
+SELECT pg_advisory_xact_lock(hashtext('usersyncd.quota:' || $1)),
+       set_config('synchronous_commit',
+                  CASE WHEN current_setting('synchronous_commit') = 'remote_apply' THEN 'remote_apply'
+                       ELSE 'on' END,
+                  true)
 
 -- ledger_window --
 -- The database clock, and the starts of the last $1 seconds in seconds relative to it (<= 0), oldest first.
@@ -21,8 +27,9 @@ FROM {schema}.requests
 WHERE granted_at > $1::timestamptz - make_interval(secs => $2)
 
 -- pauses --
--- Every pause, with the seconds left of it at the moment $1 (zero, negative or NULL: over).
-SELECT reason, extract(epoch FROM until_at - $1::timestamptz)::float8 AS remaining, detail
+-- Every pause, with the seconds left of it at the moment $1, or now if NULL (zero, negative or NULL: over).
+SELECT reason, extract(epoch FROM until_at - coalesce($1::timestamptz, clock_timestamp()))::float8 AS remaining,
+       detail
 FROM {schema}.pauses
 ORDER BY reason
 
@@ -50,11 +57,6 @@ INSERT INTO {schema}.requests (kind, batch_id, attempt, users, worker, granted_a
 VALUES ($1, $2, $3, $4, $5, clock_timestamp() + make_interval(secs => coalesce($6, 0)))
 RETURNING id, started_at
 
--- insert_external --
--- Count $1 requests another client made on the account, stamped now (they hold slots for a span).
-INSERT INTO {schema}.requests (kind, worker)
-SELECT 'external', $2 FROM generate_series(1, $1::integer)
-
 -- delete_start --
 -- Give a slot back: the request never started.
 DELETE FROM {schema}.requests WHERE id = $1
@@ -63,21 +65,42 @@ DELETE FROM {schema}.requests WHERE id = $1
 -- What became of a request. The API counts arrivals, and the request arrived before its answer:
 -- its stamp moves to no earlier than the margin ($9 s) before now, so that the margin covers any
 -- delay between the stamp and the arrival; not once a span ($8 s) has passed (see confirm_start).
+-- $10, $11: the API's X-RateLimit-Remaining and -Limit; $12: other clients' requests learnt from them.
 UPDATE {schema}.requests
 SET status = $2, outcome = $3, duration_ms = $4, request_id = $5, response_request_id = $6,
-    error = $7,
+    error = $7, rate_limit_remaining = $10, rate_limit_limit = $11, others = $12,
     started_at = CASE WHEN clock_timestamp() < started_at + make_interval(secs => $8)
                       THEN greatest(started_at, clock_timestamp() - make_interval(secs => $9))
                       ELSE started_at END
 WHERE id = $1
 
--- ledger_at --
--- For a request that started at $1: our starts within the $2 seconds up to it (itself included),
--- and the 'external' rows recorded from that span's beginning on (also those stamped after $1).
-SELECT count(*) FILTER (WHERE kind <> 'external' AND started_at <= $1::timestamptz) AS ours,
-       count(*) FILTER (WHERE kind = 'external') AS external
+-- ours_at --
+-- For a request that started at $1: our starts within the API's window ($2 s) up to it, itself
+-- included (the API counts arrivals in its window, not in our span).
+SELECT count(*)
 FROM {schema}.requests
-WHERE started_at > $1::timestamptz - make_interval(secs => $2)
+WHERE kind <> 'external' AND started_at <= $1::timestamptz
+  AND started_at > $1::timestamptz - make_interval(secs => $2)
+
+-- others_seen --
+-- What responses said of other clients' requests on the account: (seconds relative to the moment
+-- $1, or to now if NULL; count) of those within the last $2 seconds, and of the latest at any age.
+WITH c AS (SELECT coalesce($1::timestamptz, clock_timestamp()) AS now),
+seen AS (
+    (SELECT r.started_at, r.others FROM {schema}.requests AS r, c
+     WHERE r.others IS NOT NULL AND r.started_at > c.now - make_interval(secs => $2))
+    UNION
+    (SELECT started_at, others FROM {schema}.requests WHERE others IS NOT NULL
+     ORDER BY started_at DESC LIMIT 1)
+)
+SELECT coalesce(array_agg(extract(epoch FROM s.started_at - c.now)::float8 ORDER BY s.started_at), '{}') AS times,
+       coalesce(array_agg(s.others ORDER BY s.started_at), '{}') AS counts
+FROM seen AS s, c
+
+-- notify_freed --
+-- Sending may start earlier than the waiters computed (a slot released, a pause resumed, more room):
+-- wake them in every process (delivered at commit; the payload is the schema, $1).
+SELECT pg_notify('usersyncd_quota', $1)
 
 -- upsert_pause --
 -- Pause sending for $2 seconds; a rate-limit pause keeps the later end, a credentials pause the new one.
@@ -96,10 +119,13 @@ RETURNING extract(epoch FROM until_at - clock_timestamp())::float8 AS remaining
 DELETE FROM {schema}.pauses WHERE reason = $1 RETURNING reason, since
 
 -- prune --
--- Drop ledger rows older than $1 seconds (the caller never passes less than the span); count them.
+-- Drop ledger rows older than $1 seconds (the caller never passes less than the span), but the
+-- latest that says what other clients use (a budget learnt is kept until more room shows); count them.
 WITH gone AS (
     DELETE FROM {schema}.requests
     WHERE started_at < clock_timestamp() - make_interval(secs => $1)
+      AND id IS DISTINCT FROM (SELECT id FROM {schema}.requests WHERE others IS NOT NULL
+                               ORDER BY started_at DESC LIMIT 1)
     RETURNING 1
 )
 SELECT count(*) FROM gone
