@@ -452,6 +452,8 @@ async def test_a_short_key_leaves_the_rest_of_the_answer_readable(respx_mock: re
         outcome = await instance.send(SUBSCRIBERS)
     assert outcome.response_request_id == "fake-5"
     assert outcome.body_excerpt == '{"error": "unknown token ***", "hint": "check the key"}'
+
+
 async def test_send_reports_the_rate_limit_it_counts_down(
     client: api.ExternalUserApi, respx_mock: respx.MockRouter
 ) -> None:
