@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from helpers import assert_in_sync, fast
 
@@ -23,6 +26,25 @@ pytestmark = [pytest.mark.e2e, pytest.mark.db]
 
 def arrivals(api: FakeApi) -> list[float]:
     return sorted(r.arrived for r in api.requests)
+
+
+async def test_arrivals_are_stamped_on_time_while_the_test_is_busy(fake_api: FakeApi) -> None:
+    """The quota figures come from the fake's arrival stamps: a test keeping its own event loop
+    busy for a second (comparing 100,000 rows, reading a log) must not delay them."""
+    sent: list[float] = []
+
+    def client() -> None:
+        with httpx.Client(base_url=fake_api.url, headers={"Authorization": "Bearer test-key"}) as c:
+            for n in range(3):
+                sent.append(time.monotonic())
+                c.post("/subscribers/batches", json={"batches": [{"subscribers": [{"email": f"u{n}@x.io"}]}]})
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    time.sleep(1.0)  # noqa: ASYNC251 - the point: this loop is blocked meanwhile
+    await asyncio.to_thread(thread.join, 30)
+    late = [round(r.arrived - at, 3) for r, at in zip(fake_api.requests, sent, strict=True)]
+    assert all(delay < 0.5 for delay in late), late
 
 
 async def test_backlog_uses_the_quota_fully_and_never_exceeds_it(
@@ -158,9 +180,7 @@ async def test_429_without_retry_after_pauses_one_window(
     first, *rest = fake_api.requests
     assert first.status == 429
     assert min(r.arrived for r in rest) - first.arrived >= window
-    assert not await conn.fetchval(
-        "SELECT count(*) FROM usersync.failures"
-    )  # a 429 is not the batch's fault
+    assert not await conn.fetchval("SELECT count(*) FROM usersync.failures")  # a 429 is not the batch's fault
     await assert_in_sync(conn, fake_api)
 
 
