@@ -354,6 +354,12 @@ async def test_process_mirrors_requests_state_and_counters(remote: FakeApiProces
     assert remote.max_arrivals_in_any_window() == 4 and remote.max_arrivals_in_any_window(1e-9) == 1
     with pytest.raises(AttributeError):
         remote.state = {}  # recorded by the child: read-only here
+    with pytest.raises(AttributeError, match="not a runtime setting"):
+        remote.max_in_windw = 3  # type: ignore[attr-defined]
+    remote.requests.clear()  # a test may forget what came so far
+    async with httpx.AsyncClient(base_url=remote.url, headers=AUTH) as c:
+        await c.post(PATH, json=batch("d@x.io"))
+    assert [r.emails for r in remote.requests] == [["d@x.io"]] and remote.requests[0].status == 429
 
 
 async def test_process_settings_are_written_through(remote: FakeApiProcess) -> None:

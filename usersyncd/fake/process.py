@@ -117,7 +117,8 @@ class FakeApiProcess:
             "rate_limit_remaining_header": rate_limit_remaining_header,
             "retry_after_on_429": retry_after_on_429,
         }
-        self._requests: list[RecordedRequest] = []
+        self._requests: list[RecordedRequest] = []  # what tests see (and may clear)
+        self._by_index: list[RecordedRequest] = []  # what the journal's indexes refer to
         self._state: dict[str, dict[str, Any]] = {}
         self._sends: collections.Counter[str] = collections.Counter()
         self._violations = self._max_in_window = self._concurrent_conflicts = self._accepted = 0
@@ -130,6 +131,14 @@ class FakeApiProcess:
         self._length_path: str | None = None
         self._url: str | None = None
         self._closed = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Settings and private state only: anything else would change nothing in the child."""
+        if not (name.startswith("_") or name in vars(type(self)) or name in ("batch_path", "max_batch")):
+            raise AttributeError(f"{name!r} is not a runtime setting of the fake API (see model.KNOBS)")
+        if name in ("batch_path", "max_batch") and name in vars(self):
+            raise AttributeError(f"{name} is fixed once the fake API process is made")
+        super().__setattr__(name, value)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -315,11 +324,12 @@ class FakeApiProcess:
                 event["arrived"], event["wall"], 0, event["headers"], [], [], 0, event["request_id"]
             )
             self._requests.append(rec)
+            self._by_index.append(rec)
             self._open += 1
             self._violations += event["violation"]
             self._max_in_window = max(self._max_in_window, event["in_window"])
             return
-        rec = self._requests[event["i"]]
+        rec = self._by_index[event["i"]]
         if kind == "body":
             rec.body_bytes, rec.subscribers = event["body_bytes"], event["subscribers"]
             rec.emails = model.emails_of(rec.subscribers)
