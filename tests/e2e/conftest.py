@@ -7,13 +7,13 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from usersyncd.fakeapi import FakeApi
+from usersyncd.fakeapi import FakeApiProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -89,15 +89,44 @@ class DaemonProcess:
         raise TimeoutError(f"no log line {message!r}; log:\n{self.text()[-4000:]}")
 
 
+class _Spare:
+    """One fake API process started ahead, so a test does not wait for its imports."""
+
+    def __init__(self) -> None:
+        self.next: FakeApiProcess | None = None
+
+    def take(self) -> FakeApiProcess:
+        api, self.next = self.next or FakeApiProcess(api_key="test-key"), None
+        try:
+            api.wait_ready(timeout=60)
+        finally:
+            self.next = FakeApiProcess(api_key="test-key")
+            self.next.launch()  # boots while the test runs
+        return api
+
+    def close(self) -> None:
+        if self.next is not None:
+            self.next.close(refresh=False)
+
+
+@pytest.fixture(scope="session")
+def _fake_api_spare() -> Iterator[_Spare]:
+    spare = _Spare()
+    try:
+        yield spare
+    finally:
+        spare.close()
+
+
 @pytest.fixture
-async def fake_api() -> AsyncIterator[FakeApi]:
-    """The fake subscriber API on a free loopback port."""
-    api = FakeApi(api_key="test-key")
-    await api.start()
+def fake_api(_fake_api_spare: _Spare) -> Iterator[FakeApiProcess]:
+    """The fake subscriber API on a free loopback port, in a process of its own: a busy test
+    loop cannot delay its arrival stamps. It has FakeApi's attributes; it ends with the test."""
+    api = _fake_api_spare.take()
     try:
         yield api
     finally:
-        await api.stop()
+        api.close(refresh=False)
 
 
 @pytest.fixture

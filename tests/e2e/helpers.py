@@ -6,13 +6,12 @@ import asyncio
 import functools
 import subprocess
 import sys
-import time
 from typing import Any
 
 import asyncpg
 
 from usersyncd import records
-from usersyncd.fakeapi import FakeApi
+from usersyncd.fakeapi import FakeApiProcess
 
 FIELDS = {"email": "email", "name": "name", "time_zone": "time_zone"}
 
@@ -51,8 +50,8 @@ async def expected_state(conn: asyncpg.Connection) -> tuple[dict[str, dict[str, 
 def _validate(
     user_id: str, email: str | None, name: str | None, time_zone: str | None
 ) -> dict[str, Any] | records.Invalid:
-    """records.validate, remembered: the fake API shares the test's event loop, and validating
-    100,000 rows on every poll of wait_in_sync would starve it for seconds."""
+    """records.validate, remembered: validating 100,000 rows on every poll of wait_in_sync
+    would keep a core busy that the daemon needs."""
     row = {"id": user_id, "email": email, "name": name, "time_zone": time_zone}
     return records.validate(user_id, row, FIELDS)
 
@@ -62,18 +61,17 @@ async def open_failure_users(conn: asyncpg.Connection) -> set[str]:
     return {r["u"] for r in rows}
 
 
-async def assert_in_sync(conn: asyncpg.Connection, api: FakeApi) -> None:
+async def assert_in_sync(conn: asyncpg.Connection, api: FakeApiProcess) -> None:
     """G3: every valid user's latest state is at the API; every invalid one has an open failure."""
     valid, invalid = await expected_state(conn)
-    wrong = {
-        email: (api.state.get(email), want) for email, want in valid.items() if api.state.get(email) != want
-    }
+    state = api.state  # one read: each one asks the fake whether anything changed
+    wrong = {email: (state.get(email), want) for email, want in valid.items() if state.get(email) != want}
     assert not wrong, f"{len(wrong)} users differ, e.g. {list(wrong.items())[:3]}"
     missing = invalid - await open_failure_users(conn)
     assert not missing, f"invalid users without an open failure: {sorted(missing)[:5]}"
 
 
-async def wait_in_sync(conn: asyncpg.Connection, api: FakeApi, timeout: float) -> None:
+async def wait_in_sync(conn: asyncpg.Connection, api: FakeApiProcess, timeout: float) -> None:
     """Poll until assert_in_sync holds, or raise its last AssertionError."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -85,35 +83,22 @@ async def wait_in_sync(conn: asyncpg.Connection, api: FakeApi, timeout: float) -
         except AssertionError:
             if loop.time() > deadline:
                 raise
-        # comparing a big table takes a while, on the loop the fake API runs on: leave it most
+        # comparing a big table takes a while: leave the (two) cores to the daemon most of the time
         await asyncio.sleep(max(0.1, 2 * (loop.time() - began)))
 
 
 class Completions:
-    """When each request to the fake ended (its handler returned), to find overlapping requests.
+    """When each request to the fake ended, to find overlapping requests (the fake records it)."""
 
-    The fake records arrivals only; this wraps its per-request handler to note the end too.
-    """
-
-    def __init__(self, api: FakeApi) -> None:
+    def __init__(self, api: FakeApiProcess) -> None:
         self.api = api
-        self.ended: dict[int, float] = {}  # id(RecordedRequest) -> time.monotonic()
-        original = api._answer
-
-        async def answer(request: Any, rec: Any, *args: Any) -> Any:
-            try:
-                return await original(request, rec, *args)
-            finally:
-                self.ended[id(rec)] = time.monotonic()
-
-        api._answer = answer  # type: ignore[method-assign]
 
     def overlaps(self) -> list[tuple[int, int, list[str]]]:
         """(i, j, shared emails) for every two requests that carried a user while both were open."""
         reqs = self.api.requests  # in arrival order
         found = []
         for i, first in enumerate(reqs):
-            end = self.ended.get(id(first), float("inf"))
+            end = float("inf") if first.ended is None else first.ended
             emails = set(first.emails)
             for j in range(i + 1, len(reqs)):
                 if reqs[j].arrived >= end:
@@ -125,7 +110,7 @@ class Completions:
 
 
 async def usersyncd(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run a `usersyncd` operator command to completion (in a thread: the fake API keeps serving)."""
+    """Run a `usersyncd` operator command to completion (in a thread: the test's loop keeps running)."""
     return await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "usersyncd", *args],

@@ -133,17 +133,16 @@ async def test_sigterm_lets_the_request_in_flight_finish(
         database_url, fake_api.url, **fast(queue={"concurrency": 2, "shutdown_grace": 5.0})
     )
     daemon = await spawn(cfg)
-    await fake_api.wait_for(lambda api: api.stats()["in_flight"] >= 1, timeout=20)
-    await asyncio.sleep(0.3)
+    # both workers in flight: neither can start another request before the signal is handled
+    await fake_api.wait_for(lambda api: api.stats()["in_flight"] >= 2, timeout=20)
     loop = asyncio.get_running_loop()
     in_flight = len(fake_api.requests)
     sent_at = loop.time()  # the fake stamps arrivals with time.monotonic(), as the loop does
     daemon.signal(signal.SIGTERM)
     assert await daemon.wait(timeout=10) == 0, daemon.text()[-3000:]
     took = loop.time() - sent_at
-    assert (
-        took < 2.0 + 1.5
-    )  # the requests in flight ended after at most 2 s; nothing waited for the grace
+    # the requests in flight ended after at most 2 s; nothing waited for the 5 s grace
+    assert took < 2.0 + 2.5, took
     assert len(fake_api.requests) == in_flight  # no request started after the signal
     assert all(r.status == 202 for r in fake_api.requests)
     assert all(r.arrived < sent_at for r in fake_api.requests)
@@ -169,14 +168,14 @@ async def test_sigterm_past_the_grace_releases_the_batch(
     make_config: Callable[..., Path],
     spawn: Any,
 ) -> None:
-    """SIGTERM, 3 s requests, 1 s grace: exit 0 after it, batches pending; a restart sends all."""
+    """SIGTERM, 5 s requests, 1 s grace: exit 0 after it, batches pending; a restart sends all."""
     await seed(conn, 2000)
-    fake_api.latency = 3.0
+    fake_api.latency = 5.0  # far from the grace: a loaded machine's slow exit is not a wait
     grace = 1.0
     cfg = make_config(
         database_url,
         fake_api.url,
-        api={"timeout": 4.0},
+        api={"timeout": 6.0},
         **fast(queue={"concurrency": 2, "shutdown_grace": grace}),
     )
     daemon = await spawn(cfg)
@@ -186,7 +185,7 @@ async def test_sigterm_past_the_grace_releases_the_batch(
     daemon.signal(signal.SIGTERM)
     assert await daemon.wait(timeout=10) == 0, daemon.text()[-3000:]
     took = loop.time() - sent_at
-    assert grace <= took < grace + 1.5
+    assert grace <= took < grace + 3.0, took
     assert len(fake_api.requests) == 2
     assert await open_batches(conn) == {"pending": 2}  # released for the next start
     assert any(
@@ -252,10 +251,12 @@ async def test_live_changes_overtake_a_backfill(
     make_config: Callable[..., Path],
     spawn: Any,
 ) -> None:
-    """In a 100,000-user backfill, changed users go in the live lane within a poll and a slot."""
-    await seed(conn, 100_000)
+    """In a 10,000-user backfill, changed users go in the live lane within a poll and a slot."""
+    await seed(conn, 10_000)
     fake_api.limit_requests, fake_api.window = 10, 2.0
-    settings = fast()  # 10 requests per 2.1 s: the backfill takes about 21 s
+    # 100 batches of 100 at 10 requests per 2.1 s: about 21 s. Small batches: what is measured
+    # is the order and the pacing, not how fast a starved CPU validates 1,000 rows
+    settings = fast(limits={"batch_size": 100})
     poll, span = (
         settings["source"]["poll_interval"],
         settings["limits"]["window"] + settings["limits"]["margin"],
@@ -264,7 +265,7 @@ async def test_live_changes_overtake_a_backfill(
     await fake_api.wait_for(
         lambda api: api.accepted >= 20, timeout=30
     )  # just after a window's requests
-    assert "user99990@example.com" not in fake_api.state
+    assert "user9990@example.com" not in fake_api.state
 
     loop = asyncio.get_running_loop()
     changed_at = loop.time()
@@ -274,25 +275,25 @@ async def test_live_changes_overtake_a_backfill(
             " VALUES (100001, 'new@example.com', 'New', 'UTC')"
         )
         await conn.execute(
-            "UPDATE users SET name = 'changed', updated_at = clock_timestamp() WHERE id = 99990"
+            "UPDATE users SET name = 'changed', updated_at = clock_timestamp() WHERE id = 9990"
         )
     await fake_api.wait_for(
         lambda api: (
             "new@example.com" in api.state
-            and api.state.get("user99990@example.com", {}).get("name") == "changed"
+            and api.state.get("user9990@example.com", {}).get("name") == "changed"
         ),
         timeout=10,
     )
     carried = [r for r in fake_api.requests if r.status == 202 and "new@example.com" in r.emails]
-    assert len(carried) == 1 and "user99990@example.com" in carried[0].emails
+    assert len(carried) == 1 and "user9990@example.com" in carried[0].emails
     delay = carried[0].arrived - changed_at
     assert delay < poll + span / 10 + 1.5, delay  # a poll, one quota slot, a tolerance
-    assert len(fake_api.state) < 60_000  # long before the backfill ends
+    assert len(fake_api.state) < 6_000  # long before the backfill ends
 
     lanes = await conn.fetch(
-        "SELECT user_id, lane FROM usersync.sync_state WHERE user_id IN ('100001', '99990')"
+        "SELECT user_id, lane FROM usersync.sync_state WHERE user_id IN ('100001', '9990')"
     )
-    assert {r["user_id"]: r["lane"] for r in lanes} == {"100001": 0, "99990": 0}
+    assert {r["user_id"]: r["lane"] for r in lanes} == {"100001": 0, "9990": 0}
     batch = await conn.fetchrow(
         "SELECT id, lane FROM usersync.batches WHERE '100001' = ANY(user_ids)"
     )
@@ -307,16 +308,16 @@ async def test_live_changes_overtake_a_backfill(
     overtaken = await conn.fetchval(
         "SELECT count(*) FROM usersync.batches"
         " WHERE lane = 1 AND id < $1 AND cardinality(user_ids) > 0 AND created_at > ("
-        "   SELECT max(dirty_since) FROM usersync.sync_state WHERE user_id IN ('100001', '99990'))",
+        "   SELECT max(dirty_since) FROM usersync.sync_state WHERE user_id IN ('100001', '9990'))",
         batch["id"],
     )
     assert overtaken == 0
 
-    await fake_api.wait_for(lambda api: len(api.state) == 100_001, timeout=40)
+    await fake_api.wait_for(lambda api: len(api.state) == 10_001, timeout=60)
     await assert_in_sync(conn, fake_api)
     assert fake_api.violations == 0
     assert (
-        fake_api.sends["user99990@example.com"] == 1
+        fake_api.sends["user9990@example.com"] == 1
     )  # sent once, changed: the backfill did not send it again
     assert await daemon.stop() == 0
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.db
 SCHEMA = "usersync"
 LIMITS = LimitsConfig(requests=10, window=1.0, margin=0.05)
 SPAN = timedelta(seconds=LIMITS.span)
-SLACK = 0.5  # seconds of scheduling noise allowed on upper bounds
+SLACK = 0.8  # seconds of scheduling noise allowed on upper bounds (less than a span)
 
 MakeQuota = Callable[..., Awaitable[Quota]]
 Conn = asyncpg.Connection
@@ -111,15 +111,15 @@ async def test_two_replicas_share_the_ledger(make_quota: MakeQuota, conn: Conn) 
 
 async def test_restart_sees_the_ledger(make_quota: MakeQuota, conn: Conn) -> None:
     """A fresh Quota after 10 grants in this span waits for the span to free: no empty bucket."""
+    restarted = await make_quota()  # its pool is ready before the span starts
     await fill(await make_quota())
-    restarted = await make_quota()
-    began = time.monotonic()
+    began = await conn.fetchval("SELECT clock_timestamp()")
     slot = await asyncio.wait_for(restarted.acquire(kind="retry"), 5)
-    waited = time.monotonic() - began
     rows = await ledger(conn)
     assert slot is not None and rows[-1]["id"] == slot.id
     assert slot.started_at - rows[0]["started_at"] >= SPAN
-    assert waited > LIMITS.span / 2 and restarted.waits == 1
+    # it waited for the first slot to free, however long filling took on a busy machine
+    assert rows[0]["started_at"] + SPAN > began and restarted.waits == 1
 
 
 async def test_release_frees_the_slot_at_once(make_quota: MakeQuota, conn: Conn) -> None:
@@ -185,6 +185,7 @@ async def test_lower_remaining_from_the_api_wins(make_quota: MakeQuota, conn: Co
 async def test_rate_limited_pause_holds_every_acquirer(make_quota: MakeQuota, conn: Conn) -> None:
     """pause('rate_limited', 0.5): acquire waits out the pause; state() reports it meanwhile."""
     quota = await make_quota()
+    began = time.monotonic()  # before the pause: the time its statements take counts
     await quota.pause("rate_limited", 0.5, "429 Retry-After: 0.5")
     until = await conn.fetchval(f"SELECT until_at FROM {SCHEMA}.pauses")
     state = await quota.state()
@@ -192,10 +193,9 @@ async def test_rate_limited_pause_holds_every_acquirer(make_quota: MakeQuota, co
     assert state.pause_detail == "429 Retry-After: 0.5" and state.used == 0
     await quota.pause("rate_limited", 0.1, "an earlier end does not shorten the pause")
     assert await conn.fetchval(f"SELECT until_at FROM {SCHEMA}.pauses") == until
-    began = time.monotonic()
     slot = await asyncio.wait_for(quota.acquire(kind="send"), 5)
     assert slot is not None and slot.started_at >= until and not slot.probe
-    assert time.monotonic() - began >= 0.4  # the DB clock decides; the wall clock roughly agrees
+    assert time.monotonic() - began >= 0.45  # the DB clock decides; the wall clock agrees
     assert await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.pauses") == 0
     assert (await quota.state()).paused is None
 
@@ -229,8 +229,8 @@ async def test_failed_probe_waits_for_the_next_period(make_quota: MakeQuota, con
     await quota.release(probe)
     again = await asyncio.wait_for(quota.acquire(kind="retry"), 2)
     assert again is not None and again.probe
+    began = time.monotonic()  # before the pause: the time its statements take counts
     await quota.pause("credentials", 0.2, "HTTP 403 again")
-    began = time.monotonic()
     third = await asyncio.wait_for(quota.acquire(kind="retry"), 2)
     assert third is not None and third.probe and time.monotonic() - began >= 0.15
     assert [row["kind"] for row in await ledger(conn)] == ["retry", "retry"]
@@ -249,7 +249,7 @@ async def test_stop_ends_a_wait_promptly(make_quota: MakeQuota, conn: Conn, wher
     stop.set()
     began = time.monotonic()
     assert await asyncio.wait_for(task, 1) is None
-    assert time.monotonic() - began < 0.2
+    assert time.monotonic() - began < 0.5  # not the ~1 s left of the span
     assert await waiter.acquire(kind="send", stop=stop) is None
     assert len(await ledger(conn)) == 10
 
@@ -286,12 +286,15 @@ async def test_lost_connections_are_waited_out(make_quota: MakeQuota, conn: Conn
     lock = "hashtext('usersyncd.quota:' || $1)"
     await conn.execute(f"SELECT pg_advisory_lock({lock})", SCHEMA)  # hold every grant back
     task = asyncio.ensure_future(quota.acquire(kind="send"))
-    await asyncio.sleep(0.2)
-    killed = await conn.fetchval(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        " AND wait_event_type = 'Lock'"
-    )
+    for _ in range(200):  # until the grant waits for the lock (a loaded machine takes a while)
+        killed = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND wait_event_type = 'Lock'"
+        )
+        if killed:
+            break
+        await asyncio.sleep(0.05)
     assert killed == 1 and not task.done()
     await asyncio.sleep(0.3)
     await conn.execute(f"SELECT pg_advisory_unlock({lock})", SCHEMA)

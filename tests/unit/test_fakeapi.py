@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from usersyncd.fakeapi import FakeApi, RecordedRequest
+from usersyncd.fakeapi import FakeApi, FakeApiProcess, RecordedRequest
 
 PATH = "/subscribers/batches"
 AUTH = {"Authorization": "Bearer test-key"}
@@ -308,3 +309,163 @@ async def test_runs_as_separate_process_until_sigterm() -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# ---- FakeApiProcess: the fake in a child process, with FakeApi's attributes -------------------
+
+
+@pytest.fixture
+async def remote() -> AsyncIterator[FakeApiProcess]:
+    async with FakeApiProcess(limit_requests=3, window=60) as api:
+        yield api
+
+
+async def test_process_mirrors_requests_state_and_counters(remote: FakeApiProcess) -> None:
+    """What the child recorded reads like FakeApi's attributes, in arrival order, up to date."""
+    async with httpx.AsyncClient(base_url=remote.url, headers=AUTH) as c:
+        ok = await c.post(PATH, json=batch("a@x.io", "b@x.io", name="Ann"), headers={"X-Request-Id": "r1"})
+        assert ok.status_code == 202
+        assert remote.state == {
+            "a@x.io": {"email": "a@x.io", "name": "Ann"},
+            "b@x.io": {"email": "b@x.io", "name": "Ann"},
+        }  # read right after the answer: already there
+        await c.post(PATH, content=b"{")
+        await c.post(PATH, json=batch("a@x.io", name="Bob"))
+        over = await c.post(PATH, json=batch("c@x.io"))
+    assert over.status_code == 429
+    first, bad, third, fourth = remote.requests
+    assert (first.request_id, first.emails, first.status) == ("r1", ["a@x.io", "b@x.io"], 202)
+    assert first.headers["authorization"] == "Bearer test-key" and first.body_bytes > 0
+    assert first.arrived <= first.ended <= bad.arrived <= third.arrived <= fourth.arrived  # type: ignore[operator]
+    assert abs(first.wall - time.time()) < 30 and bad.status == 422 and bad.subscribers == []
+    assert remote.sends == {"a@x.io": 2, "b@x.io": 1} and remote.state["a@x.io"]["name"] == "Bob"
+    assert (remote.accepted, remote.violations, remote.max_in_window) == (2, 1, 4)
+    assert remote.stats() == {
+        "requests": 4,
+        "accepted": 2,
+        "violations": 1,
+        "max_in_window": 4,
+        "concurrent_conflicts": 0,
+        "statuses": {202: 2, 422: 1, 429: 1},
+        "users_received": 3,
+        "distinct_users": 2,
+        "in_flight": 0,
+    }
+    assert remote.max_arrivals_in_any_window() == 4 and remote.max_arrivals_in_any_window(1e-9) == 1
+    with pytest.raises(AttributeError):
+        remote.state = {}  # recorded by the child: read-only here
+    with pytest.raises(AttributeError, match="not a runtime setting"):
+        remote.max_in_windw = 3  # type: ignore[attr-defined]
+    remote.requests.clear()  # a test may forget what came so far
+    async with httpx.AsyncClient(base_url=remote.url, headers=AUTH) as c:
+        await c.post(PATH, json=batch("d@x.io"))
+    assert [r.emails for r in remote.requests] == [["d@x.io"]] and remote.requests[0].status == 429
+
+
+async def test_process_settings_are_written_through(remote: FakeApiProcess) -> None:
+    """Each setting a test changes takes effect in the child before the next line runs."""
+    async with httpx.AsyncClient(base_url=remote.url, headers=AUTH) as c:
+        remote.limit_requests, remote.api_key = None, "rotated"
+        assert (await c.post(PATH, json=batch("a@x.io"))).status_code == 401
+        remote.api_key = "test-key"
+        remote.reject_emails = {"bad@x.io"}
+        r = await c.post(PATH, json=batch("ok@x.io", "bad@x.io"))
+        assert r.json() == {"errors": [{"code": "validation_failed", "index": 1, "email": "bad@x.io"}]}
+        assert {"ok@x.io", "bad@x.io"} - remote.reject_emails == {"ok@x.io"}
+        remote.reject_emails = set()
+        remote.max_body_bytes = 50
+        assert (await c.post(PATH, json=batch("long-address@example.com"))).status_code == 413
+        remote.max_body_bytes = None
+        remote.limit_requests, remote.window, remote.retry_after_on_429 = 1, 30, True
+        remote.rate_limit_remaining_header = True
+        r = await c.post(PATH, json=batch("ok@x.io"))
+        assert r.status_code == 429 and r.headers["Retry-After"] == "30"
+        remote.window = 1e-6  # every earlier arrival leaves the window
+        r = await c.post(PATH, json=batch("ok@x.io"))
+        assert (r.status_code, r.headers["X-RateLimit-Remaining"]) == (202, "0")
+        remote.auth = "header:X-Api-Key"
+        assert (await c.post(PATH, json=batch("ok@x.io"))).status_code == 401
+    assert (remote.window, remote.auth, remote.max_body_bytes) == (1e-6, "header:X-Api-Key", None)
+    with pytest.raises(ValueError, match="window"):
+        remote.window = 0
+    with pytest.raises(ValueError, match="auth"):
+        remote.auth = "digest"
+    assert (remote.window, remote.auth) == (1e-6, "header:X-Api-Key")  # a refused value changes nothing
+
+
+async def test_process_script_latency_conflicts_and_wait_for(remote: FakeApiProcess) -> None:
+    """Scripted faults (bytes, text, JSON, delay), latency and 409s work across the process."""
+    remote.limit_requests = None
+    remote.script(500, times=2, body=b"\x00raw")
+    remote.script(429, headers={"Retry-After": "7"}, body={"e": 1})
+    remote.script(503, body="<html>", delay=0.2)
+    with pytest.raises(ValueError, match="status"):
+        remote.script(99)
+    async with httpx.AsyncClient(base_url=remote.url, headers=AUTH) as c:
+        answers = [await c.post(PATH, json=batch("a@x.io")) for _ in range(4)]
+        assert [(r.status_code, r.content) for r in answers] == [
+            (500, b"\x00raw"),
+            (500, b"\x00raw"),
+            (429, b'{"e": 1}'),
+            (503, b"<html>"),
+        ]
+        slow = remote.requests[3]
+        assert slow.ended is not None and slow.ended - slow.arrived >= 0.2
+        remote.latency = 0.5
+        first = asyncio.create_task(c.post(PATH, json=batch("a@x.io")))
+        await remote.wait_for(lambda api: api.stats()["in_flight"] == 1, timeout=5)
+        assert remote.requests[-1].status == 0 and remote.requests[-1].ended is None
+        clash = await c.post(PATH, json=batch("a@x.io"))
+        assert clash.status_code == 409 and (await first).status_code == 202
+    assert remote.concurrent_conflicts == 1 and remote.requests[4].status == 202
+    with pytest.raises(TimeoutError, match="'requests': 6"):
+        await remote.wait_for(lambda api: len(api.requests) > 6, timeout=0.1)
+
+
+async def test_process_journal_comes_in_bounded_chunks(remote: FakeApiProcess) -> None:
+    """Many big requests are replayed completely, a chunk at a time."""
+    remote.limit_requests = None
+    async with httpx.AsyncClient(base_url=remote.url, headers=AUTH) as c:
+        for n in range(12):
+            await c.post(PATH, json=batch(*(f"u{n}-{i}@x.io" for i in range(1000))))
+        page = (await c.get("/_fake/journal", params={"since": 0})).json()
+    assert page["more"] and 0 < page["next"] < 12 * 4
+    assert len(remote.state) == 12_000 and remote.accepted == 12
+    assert [len(r.subscribers) for r in remote.requests] == [1000] * 12
+
+
+async def test_process_data_stays_readable_after_stop_and_it_is_gone() -> None:
+    """stop() reads everything first; the child has exited (no process is left behind)."""
+    api = FakeApiProcess()
+    await api.start()
+    async with httpx.AsyncClient(base_url=api.url, headers=AUTH) as c:
+        await c.post(PATH, json=batch("a@x.io"))
+    await api.stop()
+    assert api.state == {"a@x.io": {"email": "a@x.io"}} and len(api.requests) == 1
+    assert api._proc is not None and api._proc.returncode is not None
+
+
+def test_process_ends_when_its_parent_dies(tmp_path: Path) -> None:
+    """A parent killed with SIGKILL (no teardown) leaves no fake API process behind."""
+    code = (
+        "import os, sys\n"
+        "from usersyncd.fakeapi import FakeApiProcess\n"
+        "api = FakeApiProcess(); api.wait_ready()\n"
+        "print(api._proc.pid, flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    parent = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert parent.returncode == -signal.SIGKILL, parent.stderr
+    child = int(parent.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,96 @@
+"""What the fake API records and checks, shared by the server and its out-of-process proxy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+NOT_JSON = object()  # sentinel: body did not parse (distinct from a JSON `null`)
+
+# Settings a test may change at runtime, on a FakeApi or through a FakeApiProcess
+KNOBS = (
+    "api_key",
+    "auth",
+    "limit_requests",
+    "window",
+    "latency",
+    "reject_emails",
+    "max_body_bytes",
+    "rate_limit_remaining_header",
+    "retry_after_on_429",
+)
+
+
+@dataclass
+class RecordedRequest:
+    """One request to the batch endpoint, as the fake saw it."""
+
+    arrived: float  # time.monotonic() at arrival (system-wide: comparable across processes)
+    wall: float  # time.time() at arrival
+    status: int  # 0 while still being processed
+    headers: dict[str, str]  # request headers, lower-case names
+    emails: list[str]
+    subscribers: list[dict[str, Any]]
+    body_bytes: int
+    request_id: str | None  # the client's X-Request-Id
+    ended: float | None = None  # time.monotonic() when the answer was ready; None while open
+
+
+def check_auth(auth: str) -> None:
+    if auth not in ("bearer", "basic") and not (auth.startswith("header:") and auth[7:]):
+        raise ValueError(f"auth must be 'bearer', 'basic' or 'header:NAME', not {auth!r}")
+
+
+def check_window(window: float) -> None:
+    if not window > 0:
+        raise ValueError("window must be > 0")
+
+
+def errors(*errs: dict[str, Any]) -> dict[str, Any]:
+    return {"errors": list(errs)}
+
+
+def emails_of(subscribers: list[dict[str, Any]]) -> list[str]:
+    return [s["email"] for s in subscribers if isinstance(s.get("email"), str)]
+
+
+def subscribers_of(payload: Any) -> list[dict[str, Any]]:
+    """Every subscriber dict found in a (possibly invalid) payload, for the record."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("batches"), list):
+        return []
+    found: list[dict[str, Any]] = []
+    for batch in payload["batches"]:
+        if isinstance(batch, dict) and isinstance(batch.get("subscribers"), list):
+            found.extend(s for s in batch["subscribers"] if isinstance(s, dict))
+    return found
+
+
+def invalid_reason(payload: Any, max_batch: int) -> str | None:
+    """Why the payload is not one well-formed batch, or None if it is."""
+    if payload is NOT_JSON:
+        return "body is not JSON"
+    if not isinstance(payload, dict) or not isinstance(payload.get("batches"), list):
+        return "body must be an object with a 'batches' list"
+    if len(payload["batches"]) != 1:
+        return f"exactly one batch expected, got {len(payload['batches'])}"
+    batch = payload["batches"][0]
+    if not isinstance(batch, dict) or not isinstance(batch.get("subscribers"), list):
+        return "batch must be an object with a 'subscribers' list"
+    subs = batch["subscribers"]
+    if not 1 <= len(subs) <= max_batch:
+        return f"a batch holds 1..{max_batch} subscribers, got {len(subs)}"
+    for i, sub in enumerate(subs):
+        if not isinstance(sub, dict) or not isinstance(sub.get("email"), str):
+            return f"subscribers[{i}] must be an object with a string 'email'"
+    return None
+
+
+def max_arrivals_in_any_window(requests: list[RecordedRequest], span: float) -> int:
+    """Most arrivals within any `span` seconds, over these requests."""
+    times = sorted(r.arrived for r in requests)
+    best, first = 0, 0
+    for last, t in enumerate(times):
+        while t - times[first] >= span:  # same rule as the live check: (t - window, t]
+            first += 1
+        best = max(best, last - first + 1)
+    return best
