@@ -31,7 +31,8 @@ def arrivals(api: FakeApi) -> list[float]:
 
 async def test_arrivals_are_stamped_on_time_while_the_test_is_busy(fake_api: FakeApi) -> None:
     """The quota figures come from the fake's arrival stamps: a test keeping its own event loop
-    busy for a second (comparing 100,000 rows, reading a log) must not delay them."""
+    busy for two seconds (comparing 100,000 rows, reading a log) must not delay them (a fake in
+    the test's loop stamps the first one about 2 s late; a loaded machine may add a little)."""
     sent: list[float] = []
 
     def client() -> None:
@@ -42,10 +43,10 @@ async def test_arrivals_are_stamped_on_time_while_the_test_is_busy(fake_api: Fak
 
     thread = threading.Thread(target=client)
     thread.start()
-    time.sleep(1.0)  # noqa: ASYNC251 - the point: this loop is blocked meanwhile
+    time.sleep(2.0)  # noqa: ASYNC251 - the point: this loop is blocked meanwhile
     await asyncio.to_thread(thread.join, 30)
     late = [round(r.arrived - at, 3) for r, at in zip(fake_api.requests, sent, strict=True)]
-    assert all(delay < 0.5 for delay in late), late
+    assert all(delay < 1.0 for delay in late), late
 
 
 async def test_backlog_uses_the_quota_fully_and_never_exceeds_it(
