@@ -164,18 +164,17 @@ async def _isolate(
     job: SyncUserBatch, state: State, members: list[Member], outcome: api.Outcome, attempt_no: int
 ) -> None:
     """`members` were refused together: send the first half; if the API takes it, the second
-    half holds a culprit and is split at once (a request saved), else it is sent too."""
+    half holds a culprit and is split at once (a request saved), else it is sent too. A record
+    is only ever dead-lettered on its own refusal, never inferred (a refusal may not recur)."""
     isolation = job.isolation
     assert isolation is not None
     half = len(members) // 2
     first, second = members[:half], members[half:]
     isolation.requests += 1
     await job.send_part(state, first, attempt_no, kind="isolate")
-    if not all(m.user_id in isolation.accepted for m in first):
+    if len(second) == 1 or not all(m.user_id in isolation.accepted for m in first):
         isolation.requests += 1
         await job.send_part(state, second, attempt_no, kind="isolate")
-    elif len(second) == 1:  # the one record the refusal was about: its answer is the API's
-        await _refused_alone(job, state, second[0], outcome, attempt_no)
     else:
         await _isolate(job, state, second, outcome, attempt_no)
 
