@@ -41,6 +41,7 @@ class OutcomeKind(enum.StrEnum):
     TOO_LARGE = "too_large"
     RATE_LIMITED = "rate_limited"
     UNAUTHORIZED = "unauthorized"
+    NOT_FOUND = "not_found"  # 404: the account id or the path is wrong, not the records (SPEC §2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,6 +313,8 @@ def _kind(status: int | None) -> OutcomeKind:
         return OutcomeKind.UNAUTHORIZED
     if status == 413:
         return OutcomeKind.TOO_LARGE
+    if status == 404:
+        return OutcomeKind.NOT_FOUND
     if status == 408:  # the server gave up waiting for us: the batch itself is fine
         return OutcomeKind.TRANSIENT
     if 400 <= status <= 499:

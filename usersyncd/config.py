@@ -293,6 +293,7 @@ class LimitsConfig(_Section):
     requests: int = Field(default=50, ge=1, le=MAX_REQUESTS)
     window: Seconds = 3600.0
     margin: SecondsOrZero | None = None  # default: 1 % of the window
+    isolate_share: float = Field(default=0.1, gt=0.0, le=1.0)  # of each span's quota, for isolating culprits
 
     @model_validator(mode="after")
     def _default_margin(self) -> LimitsConfig:
@@ -312,6 +313,7 @@ class RetryConfig(_Section):
     backoff: SecondsOrZero = 60.0
     redrive_after: SecondsOrZero = 3600.0  # G13: exhausted users go back to the queue after this; 0: never
     redrives: int = Field(default=3, ge=0, le=100)  # at most this many times per user
+    config_errors: int = Field(default=3, ge=1, le=1000)  # same whole-batch refusal in a row: configuration
 
 
 class QueueConfig(_Section):

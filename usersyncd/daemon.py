@@ -254,7 +254,7 @@ class Daemon:
         assert self.pool is not None
         await self.pool.fetchval("SELECT 1")  # raises while the database is unreachable
         state = await self.quota.state()
-        if state.paused == "credentials":
+        if state.paused in ("credentials", "configuration"):
             return f"sending paused: {state.pause_detail}"
         return None
 

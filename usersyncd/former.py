@@ -143,9 +143,7 @@ class Former:
         batch.lane = lane
         await self.queue.set_members(batch, [m.user_id for m in members], lane)
         if members:
-            self.log.bind(batch_id=batch.id, users=len(members), lane=lane_name(lane)).info(
-                "batch created"
-            )
+            self.log.bind(batch_id=batch.id, users=len(members), lane=lane_name(lane)).info("batch created")
         return members
 
     async def refresh(self, batch: Batch, members: list[Member]) -> list[Member]:

@@ -85,7 +85,7 @@ class Metrics:
         self.drain_eta.set(status.drain_eta)
         self.queued_batches.set(status.open_batches)
         self.open_failures.set(status.open_failures)
-        for reason in ("rate_limited", "credentials"):
+        for reason in ("rate_limited", "credentials", "configuration"):
             self.paused.labels(reason=reason).set(1 if status.paused == reason else 0)
         self.up.set(1)
 

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, NamedTuple
@@ -33,8 +34,9 @@ grant_delay = quota_math.grant_delay
 pace_delay = quota_math.pace_delay
 pace_place = quota_math.pace_place
 
-PauseReason = Literal["rate_limited", "credentials"]
-KINDS = ("send", "retry", "replay", "probe")
+PauseReason = Literal["rate_limited", "credentials", "configuration"]
+KINDS = ("send", "retry", "replay", "probe", "isolate")  # isolate: a half of a batch refused whole
+HELD = quota_math.HELD  # pauses held until a probe works
 LEDGER_READ_SLACK = 1.0  # seconds read beyond the span, so grant_delay alone draws the line
 ERROR_MAX = 2048  # characters of an error kept in the ledger
 
@@ -58,10 +60,14 @@ class QuotaState:
     used: int  # starts within the last span, and those of other clients on the account (`others`)
     next_free_in: float  # seconds until a slot frees (0: one is free now); pauses aside
     next_paced_in: float  # seconds until a paced (backfill) request may start; pauses aside
-    paused: str | None  # 'rate_limited' | 'credentials' | None
+    paused: str | None  # 'rate_limited' | 'credentials' | 'configuration' | None
     paused_for: float | None  # seconds left of the pause (0: a credentials probe is due)
     pause_detail: str | None
     others: int = 0  # requests per span left to another client on the account (X-RateLimit-Remaining)
+
+
+class _ProbeDue(NamedTuple):
+    """A held pause is due for its probe, and this acquirer makes it (a GET of api.probe_path)."""
 
 
 class _Wait(NamedTuple):
@@ -112,6 +118,9 @@ class Quota:
         self._wakeup: asyncio.Event | None = None  # set when a release/resume frees sending
         self._wakeups = quota_wake.Wakeups(pool, schema, self._wake_waiters)  # other processes'
         self._ignored_limit: int | None = None  # an X-RateLimit-Limit already warned about
+        # a GET of api.probe_path (True: 2xx): while set, held pauses are probed by it, outside
+        # the batch quota, instead of by a batch request
+        self.prober: Callable[[], Awaitable[bool]] | None = None
 
     async def acquire(
         self,
@@ -144,6 +153,9 @@ class Quota:
                     wakeup = self._wakeup_event()  # before the look, so no wake-up is missed
                     look = functools.partial(self._try_grant, kind, batch_id, attempt, users, paced)
                     decision = await db.retrying(look, what="quota.acquire", stop=stop)
+                    if isinstance(decision, _ProbeDue):
+                        await self._probe_by_get()
+                        continue
                     if isinstance(decision, Slot):
                         token = False  # spent on this start
                         self.granted += 1
@@ -312,23 +324,30 @@ class Quota:
             )
 
     async def pause(self, reason: PauseReason, seconds: float, detail: str) -> None:
-        """Stop sending in every replica: `seconds` for a 429; until a probe works for 401/403."""
-        if reason not in ("rate_limited", "credentials"):
+        """Stop sending in every replica: `seconds` for a 429; until a probe works for 401/403
+        (credentials) and for a 404 or a refusal no record explains (configuration)."""
+        if reason not in ("rate_limited", *HELD):
             raise ValueError(f"unknown pause reason {reason!r}")
 
-        async def upsert() -> tuple[float, int]:
+        async def upsert() -> tuple[float, bool, int]:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(self._sql["lock_ledger"], self._schema)
-                remaining = await conn.fetchval(self._sql["upsert_pause"], reason, max(seconds, 0.0), detail)
+                remaining, fresh = await conn.fetchrow(
+                    self._sql["upsert_pause"], reason, max(seconds, 0.0), detail
+                )
                 _, starts = await conn.fetchrow(self._sql["ledger_window"], self.span)
-                return remaining, sum(1 for start in starts if start + self.span > 0)
+                return remaining, fresh, sum(1 for start in starts if start + self.span > 0)
 
-        remaining, used = await db.retrying(upsert, what="quota.pause")
+        remaining, fresh, used = await db.retrying(upsert, what="quota.pause")
         entry = logger.bind(
             pause=reason, pause_s=round(remaining, 3), used=used, limit=self.limit, detail=detail
         )
         if reason == "rate_limited":
             entry.warning("sending paused: the API rate-limited us ({}/{} used)", used, self.limit)
+        elif reason == "configuration":  # CRITICAL once: other workers meet the same answer
+            (entry.critical if fresh else entry.info)(
+                "sending paused: the API refuses the configuration ({}); probing again later", detail
+            )
         else:
             entry.critical("sending paused: the API rejected the credentials; probing again later")
 
@@ -361,7 +380,8 @@ class Quota:
         starts, last_grant, pauses, others = await db.retrying(read, what="quota.state")
         allowed = quota_math.budget(self.limit, others)
         by_reason = {row["reason"]: row for row in pauses}
-        current = by_reason.get("credentials")  # paused until a probe works, even between probes
+        # paused until a probe works, even between probes
+        current = by_reason.get("credentials") or by_reason.get("configuration")
         rate_limited = by_reason.get("rate_limited")
         if current is None and rate_limited is not None and (rate_limited["remaining"] or 0) > 0:
             current = rate_limited
@@ -420,10 +440,22 @@ class Quota:
             if drop_in is not None:  # the other client's share may shrink before then: look again
                 ledger_delay = min(ledger_delay, drop_in)
             delay = max(pause_left, ledger_delay)
+            if kind == "isolate":  # the culprits' search keeps to its share (limits.isolate_share)
+                isolating = await conn.fetchval(
+                    self._sql["isolate_window"], now, self.span + LEDGER_READ_SLACK
+                )
+                share = self.limits.isolate_share
+                delay = max(delay, quota_math.isolate_delay(isolating, 0.0, allowed, share, self.span))
+            held = [row for row in pauses if row["reason"] in HELD]
+            if held and self.prober is not None:  # a GET probes when due, never a slot
+                if max(row["remaining"] or 0.0 for row in held) <= 0:
+                    await conn.execute(self._sql["schedule_probe"], self._probe_every)
+                    return _ProbeDue()
+                delay = max(delay, max(row["remaining"] or 0.0 for row in held))
             if delay > 0:
                 paused = next((r["reason"] for r in pauses if (r["remaining"] or 0) > 0), None)
                 return _Wait(delay, used, paused, others)
-            probe = any(row["reason"] == "credentials" for row in pauses)
+            probe = bool(held)
             if probe:  # the pause is due for a probe: this request is it, the next one later
                 await conn.execute(self._sql["schedule_probe"], self._probe_every)
             row = await conn.fetchrow(
@@ -434,6 +466,19 @@ class Quota:
                 "credentials probe: this request tests the API key"
             )
         return Slot(id=row["id"], started_at=row["started_at"], kind=kind, probe=probe)
+
+    async def _probe_by_get(self) -> None:
+        """Make a due probe with `prober` (a GET outside the batch quota); a 2xx ends the held
+        pauses, anything else leaves them until the next probe, `retry.backoff` later."""
+        assert self.prober is not None
+        try:
+            ok = await self.prober()
+        except Exception as exc:  # the probe itself failing proves nothing
+            logger.bind(error=str(exc)[:200]).warning("probe failed")
+            ok = False
+        if ok:
+            for reason in HELD:
+                await self.resume(reason)
 
     async def _learnt(
         self, conn: asyncpg.Connection, now: datetime | None = None

@@ -104,16 +104,33 @@ def budget(limit: int, others: int) -> int:
     return max(limit - max(others, 0), 1)
 
 
+def isolate_budget(limit: int, share: float) -> int:
+    """Isolation requests allowed per span: `share` of our budget, at least one (SPEC §2: a batch
+    refused whole is searched for its culprits within `limits.isolate_share` of the quota)."""
+    if not 0 < share <= 1:
+        raise ValueError("share must be in (0, 1]")
+    return max(1, math.floor(limit * share + 1e-9))
+
+
+def isolate_delay(starts: Sequence[float], now: float, limit: int, share: float, span: float) -> float:
+    """Seconds from `now` until one more isolation request may start, given the isolation
+    requests' `starts`: the search waits while the rest of the backlog keeps its share."""
+    return grant_delay(starts, now, isolate_budget(limit, share), span)
+
+
+HELD = ("credentials", "configuration")  # pauses held until a probe works (SPEC §2)
+
+
 def pause_refuses(pauses: Iterable[tuple[str, float | None]], probe: bool) -> str | None:
     """The pause that forbids sending a granted slot now, or None.
 
     `pauses` holds (reason, seconds left): a rate-limit pause with time left stops every request;
-    a credentials pause stops every request but the probe it granted (SPEC §2: after 401/403
-    only a probe goes out until one works).
+    a credentials or configuration pause stops every request but the probe it granted (SPEC §2:
+    after 401/403 or 404 only a probe goes out until one works).
     """
     for reason, left in pauses:
         if reason == "rate_limited" and (left or 0.0) > 0:
             return reason
-        if reason == "credentials" and not probe:
+        if reason in HELD and not probe:
             return reason
     return None

@@ -79,6 +79,9 @@ class SyncUserBatch:
             live_ready=live_ready or asyncio.Event(),  # the poller staged live users
         )
         self._state: former.State | None = None
+        self.isolation: outcomes.Isolation | None = None  # the culprits' search under way, if any
+        if config.api.probe_path:  # held pauses are probed by a GET, outside the batch quota
+            quota.prober = self._probe
 
     async def run(self, batch: Batch | None) -> None:
         """Deliver `batch` (a reclaimed one), or form a new one when a slot is granted."""
@@ -227,6 +230,8 @@ class SyncUserBatch:
         )
         if slot.probe and outcomes.proves_credentials(outcome):
             await self.quota.resume("credentials")
+        if slot.probe and outcome.kind is api.OutcomeKind.OK:
+            await self.quota.resume("configuration")
         # a probe answered 5xx, a timeout or 404 proves nothing: the pause stays, the next
         # probe comes at its time
         handler = outcomes.HANDLERS.get(outcome.kind, outcomes.on_transient)
@@ -252,11 +257,14 @@ class SyncUserBatch:
                 delay = min(delay * 2, BOOKKEEPING_BACKOFF_MAX)
         await self.former.resolve([m.user_id for m in members])
 
-    async def send_part(self, state: former.State, part: list[former.Member], attempt_no: int) -> None:
-        """A part of the batch (a half after 413, the rest after named rejects): its own slot."""
+    async def send_part(
+        self, state: former.State, part: list[former.Member], attempt_no: int, *, kind: str = "send"
+    ) -> None:
+        """A part of the batch (a half after 413 or a refusal naming no record, the rest after
+        named rejects): its own slot; `kind` "isolate" keeps to `limits.isolate_share`."""
         while True:
             slot = await self.quota.acquire(
-                kind="send",
+                kind=kind,
                 batch_id=state.batch.id if state.batch else None,
                 attempt=attempt_no,
                 stop=self.stop,
@@ -266,7 +274,9 @@ class SyncUserBatch:
             try:
                 await self._deliver(state, slot, part, attempt_no)
                 return
-            except outcomes.SendAgain:
+            except outcomes.SendAgain as again:
+                if isinstance(again, outcomes.Unwind):  # the whole batch goes again
+                    raise
                 # after a pause the rows may have changed: read the part again (G3, G4)
                 assert state.batch is not None
                 part = await self.former.prepare(state.batch, [m.user_id for m in part])
@@ -274,6 +284,16 @@ class SyncUserBatch:
                     if not state.batch.user_ids:
                         await self.queue.finish(state.batch, "done")
                     return
+
+    async def _probe(self) -> bool:
+        """A held pause's probe: GET api.probe_path (outside the batch quota); True on a 2xx."""
+        probe = await self.client.probe()
+        entry = self.log.bind(path=probe.path, status=probe.status, duration_ms=round(probe.duration_ms, 1))
+        if probe.ok:
+            entry.info("probe: {}", probe.meaning)
+        else:
+            entry.warning("probe: {}", probe.meaning)
+        return probe.ok
 
     async def dead_letter(
         self, batch: Batch, kind: str, members: Sequence[former.Member], outcome: api.Outcome, attempt_no: int

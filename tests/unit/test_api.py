@@ -69,7 +69,7 @@ def records_of(lines: list[str]) -> list[dict[str, Any]]:
         (599, K.TRANSIENT),
         (None, K.TRANSIENT),
         (400, K.REJECTED),
-        (404, K.REJECTED),
+        (404, K.NOT_FOUND),
         (409, K.REJECTED),
         (422, K.REJECTED),
         (410, K.REJECTED),

@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=1000)
     p.add_argument("--max-body-bytes", type=int)
     p.add_argument("--batch-path", default="/subscribers/batches")
+    p.add_argument("--flavour", default="indexed", help="indexed | drip (Drip's paths and answers)")
+    p.add_argument("--account-id", default="9999999", help="the drip flavour's account id")
     p.add_argument("--retry-after-on-429", action="store_true")
     p.add_argument("--rate-limit-remaining-header", action="store_true")
     p.add_argument("--journal-length", metavar="FILE", help="8-byte file to publish the journal length in")

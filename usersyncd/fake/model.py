@@ -18,7 +18,27 @@ KNOBS = (
     "max_body_bytes",
     "rate_limit_remaining_header",
     "retry_after_on_429",
+    "flavour",
+    "account_id",
 )
+
+FLAVOURS = ("indexed", "drip")  # indexed: names each bad record (today's); drip: as Drip answers (SPEC §2)
+DRIP_RATE_LIMITED = {"message": "API rate limit exceeded. Please try again in an hour."}
+DRIP_NOT_FOUND = {
+    "errors": [{"code": "not_found_error", "message": "The resource you requested was not found"}]
+}
+DRIP_UNAUTHORIZED = {
+    "errors": [{"code": "authorization_error", "message": "You are not authorized to access this resource"}]
+}
+DRIP_EMAIL_INVALID = {
+    "errors": [{"code": "email_error", "attribute": "email", "message": "Email is invalid"}]
+}
+DRIP_EMAIL_TAKEN = {
+    "errors": [
+        {"code": "uniqueness_error", "attribute": "new_email", "message": "New email is already subscribed"}
+    ]
+}
+_NOT_MERGED = ("email", "new_email", "tags", "remove_tags", "status")
 
 
 @dataclass
@@ -34,11 +54,61 @@ class RecordedRequest:
     body_bytes: int
     request_id: str | None  # the client's X-Request-Id
     ended: float | None = None  # time.monotonic() when the answer was ready; None while open
+    path: str = ""  # the request's path (the drip flavour has two counted endpoints)
 
 
 def check_auth(auth: str) -> None:
     if auth not in ("bearer", "basic") and not (auth.startswith("header:") and auth[7:]):
         raise ValueError(f"auth must be 'bearer', 'basic' or 'header:NAME', not {auth!r}")
+
+
+def check_flavour(flavour: str) -> None:
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour must be one of {', '.join(FLAVOURS)}, not {flavour!r}")
+
+
+def rename_clash(state: dict[str, dict[str, Any]], subs: list[dict[str, Any]]) -> bool:
+    """Would a `new_email` in this batch land on an email another subscriber holds?"""
+    targets: set[str] = set()
+    for sub in subs:
+        new = sub.get("new_email")
+        if isinstance(new, str) and new != sub["email"]:
+            if new in state or new in targets:
+                return True
+            targets.add(new)
+    return False
+
+
+def apply_drip(state: dict[str, dict[str, Any]], subs: list[dict[str, Any]], sends: Any) -> None:
+    """A Drip batch on the stored subscribers: fields merged, renames moved, tags added and
+    removed (kept sorted); an unsubscribed one stays so unless sent with "status": "active"."""
+    for sub in subs:
+        email, new = sub["email"], sub.get("new_email")
+        key = new if isinstance(new, str) and new else email
+        record = state.pop(email, None) if key != email else state.get(email)
+        record = dict(record) if record is not None else {"status": "active"}
+        for name, value in sub.items():
+            if name in _NOT_MERGED:
+                continue
+            if isinstance(value, dict) and isinstance(record.get(name), dict):
+                record[name] = {**record[name], **value}
+            else:
+                record[name] = value
+        if "tags" in sub or "remove_tags" in sub or "tags" in record:
+            tags = set(record.get("tags") or ()) | set(sub.get("tags") or ())
+            record["tags"] = sorted(tags - set(sub.get("remove_tags") or ()))
+        if sub.get("status") == "active":
+            record["status"] = "active"
+        record["email"] = key
+        state[key] = record
+        sends[key] += 1
+
+
+def apply_unsubscribes(state: dict[str, dict[str, Any]], emails: list[str]) -> None:
+    """Drip's batch unsubscribe: each known subscriber's status becomes "unsubscribed"."""
+    for email in emails:
+        if email in state:
+            state[email] = {**state[email], "status": "unsubscribed"}
 
 
 def check_window(window: float) -> None:

@@ -80,6 +80,8 @@ class FakeApiProcess:
     max_body_bytes = _Knob()
     rate_limit_remaining_header = _Knob()
     retry_after_on_429 = _Knob()
+    flavour = _Knob()  # "indexed" | "drip"
+    account_id = _Knob()  # the drip flavour's account
 
     requests = _Recorded()  # list[RecordedRequest] in arrival order, updated in place
     state = _Recorded()
@@ -88,6 +90,7 @@ class FakeApiProcess:
     max_in_window = _Recorded()
     concurrent_conflicts = _Recorded()
     accepted = _Recorded()
+    probes = _Recorded()
 
     def __init__(
         self,
@@ -101,9 +104,12 @@ class FakeApiProcess:
         max_body_bytes: int | None = None,
         retry_after_on_429: bool = False,
         rate_limit_remaining_header: bool = False,
+        flavour: str = "indexed",
+        account_id: str = "9999999",
     ) -> None:
         model.check_auth(auth)
         model.check_window(window)
+        model.check_flavour(flavour)
         self.batch_path = batch_path
         self.max_batch = max_batch
         self._knobs: dict[str, Any] = {
@@ -116,12 +122,15 @@ class FakeApiProcess:
             "max_body_bytes": max_body_bytes,
             "rate_limit_remaining_header": rate_limit_remaining_header,
             "retry_after_on_429": retry_after_on_429,
+            "flavour": flavour,
+            "account_id": account_id,
         }
         self._requests: list[RecordedRequest] = []  # what tests see (and may clear)
         self._by_index: list[RecordedRequest] = []  # what the journal's indexes refer to
         self._state: dict[str, dict[str, Any]] = {}
         self._sends: collections.Counter[str] = collections.Counter()
         self._violations = self._max_in_window = self._concurrent_conflicts = self._accepted = 0
+        self._probes = 0
         self._received = self._open = 0
         self._statuses: collections.Counter[int] = collections.Counter()
         self._next = 0  # journal events replayed so far
@@ -162,6 +171,7 @@ class FakeApiProcess:
         args = [
             *("--api-key", k["api_key"], "--auth", k["auth"], "--window", repr(k["window"])),
             *("--batch-path", self.batch_path, "--max-batch", str(self.max_batch)),
+            *("--flavour", k["flavour"], "--account-id", k["account_id"]),
             *("--journal-length", self._length_path, "--exit-on-stdin-eof"),
         ]
         if k["limit_requests"] is not None:
@@ -321,7 +331,15 @@ class FakeApiProcess:
         kind = event["k"]
         if kind == "arrive":
             rec = RecordedRequest(
-                event["arrived"], event["wall"], 0, event["headers"], [], [], 0, event["request_id"]
+                event["arrived"],
+                event["wall"],
+                0,
+                event["headers"],
+                [],
+                [],
+                0,
+                event["request_id"],
+                path=event.get("path", ""),
             )
             self._requests.append(rec)
             self._by_index.append(rec)
@@ -329,10 +347,20 @@ class FakeApiProcess:
             self._violations += event["violation"]
             self._max_in_window = max(self._max_in_window, event["in_window"])
             return
+        if kind == "probe":
+            self._probes += 1
+            return
         rec = self._by_index[event["i"]]
         if kind == "body":
             rec.body_bytes, rec.subscribers = event["body_bytes"], event["subscribers"]
             rec.emails = model.emails_of(rec.subscribers)
+        elif kind == "apply" and event.get("op") == "unsubscribes":
+            model.apply_unsubscribes(self._state, rec.emails)
+            self._accepted += 1
+        elif kind == "apply" and event.get("op") == "subscribers":
+            model.apply_drip(self._state, rec.subscribers, self._sends)
+            self._received += len(rec.subscribers)
+            self._accepted += 1
         elif kind == "apply":
             for sub in rec.subscribers:
                 self._state[sub["email"]] = dict(sub)

@@ -54,9 +54,15 @@ class FakeApi:
         max_body_bytes: int | None = None,
         retry_after_on_429: bool = False,
         rate_limit_remaining_header: bool = False,
+        flavour: str = "indexed",
+        account_id: str = "9999999",
     ) -> None:
         model.check_auth(auth)
         model.check_window(window)
+        model.check_flavour(flavour)
+        self.flavour = flavour  # "drip": Drip's paths and answers (SPEC §2); "indexed": names bad records
+        self.account_id = account_id  # the drip flavour's one account: another in a path is a 404
+        self.probes = 0  # GETs of /v2/user and /v2/accounts/{id}: outside the quota, not in `requests`
         self.api_key = api_key
         self.auth = auth
         self.batch_path = batch_path
@@ -103,6 +109,10 @@ class FakeApi:
         client_max = max(_MAX_READ, (self.max_body_bytes or 0) + 1)
         app = web.Application(client_max_size=client_max)
         app.router.add_post(self.batch_path, self._handle_batch)
+        app.router.add_post("/v2/{account_id}/subscribers/batches", self._handle_drip_subscribers)
+        app.router.add_post("/v2/{account_id}/unsubscribes/batches", self._handle_drip_unsubscribes)
+        app.router.add_get("/v2/user", self._handle_drip_probe)
+        app.router.add_get("/v2/accounts/{account_id}", self._handle_drip_probe)
         app.router.add_get("/_fake/stats", self._handle_stats)
         app.router.add_get("/_fake/state", self._handle_state)
         app.router.add_get("/_fake/journal", self._handle_journal)
@@ -154,6 +164,8 @@ class FakeApi:
             model.check_auth(knobs["auth"])
         if "window" in knobs:
             model.check_window(knobs["window"])
+        if "flavour" in knobs:
+            model.check_flavour(knobs["flavour"])
         if "reject_emails" in knobs:
             knobs["reject_emails"] = set(knobs["reject_emails"])
         for name, value in knobs.items():
@@ -252,22 +264,53 @@ class FakeApi:
             return False
         return bool(basic.login == self.api_key and basic.password == "")
 
-    async def _handle_batch(self, request: web.Request) -> web.StreamResponse:
+    async def _handle_drip_subscribers(self, request: web.Request) -> web.StreamResponse:
+        if self.flavour != "drip":
+            raise web.HTTPNotFound()
+        return await self._handle_batch(request, "subscribers")
+
+    async def _handle_drip_unsubscribes(self, request: web.Request) -> web.StreamResponse:
+        if self.flavour != "drip":
+            raise web.HTTPNotFound()
+        return await self._handle_batch(request, "unsubscribes")
+
+    async def _handle_drip_probe(self, request: web.Request) -> web.StreamResponse:
+        """GET /v2/user, /v2/accounts/{id}: the key (and the account) work? Outside the quota."""
+        if self.flavour != "drip":
+            raise web.HTTPNotFound()
+        self.probes += 1
+        self._note({"k": "probe"})
+        if not self._authorized(request):
+            return web.json_response(model.DRIP_UNAUTHORIZED, status=401)
+        account = request.match_info.get("account_id")
+        if account is None:
+            return web.json_response({"users": [{"email": "owner@example.com", "time_zone": "UTC"}]})
+        if account != self.account_id:
+            return web.json_response(model.DRIP_NOT_FOUND, status=404)
+        return web.json_response({"accounts": [{"id": self.account_id, "name": "Fake account"}]})
+
+    async def _handle_batch(self, request: web.Request, endpoint: str = "") -> web.StreamResponse:
         arrived, wall = time.monotonic(), time.time()
         self._seq += 1
         rid = f"fake-{self._seq}"
         violation, in_window = self._arrive(arrived)
         headers = {k.lower(): v for k, v in request.headers.items()}
-        rec = RecordedRequest(arrived, wall, 0, headers, [], [], 0, headers.get("x-request-id"))
+        rec = RecordedRequest(
+            arrived, wall, 0, headers, [], [], 0, headers.get("x-request-id"), path=request.path
+        )
         index = len(self.requests)
         self.requests.append(rec)  # appended now, so the list is in arrival order
         self._note(
             {"k": "arrive", "i": index, "arrived": arrived, "wall": wall, "headers": headers,
-             "request_id": rec.request_id, "violation": violation, "in_window": in_window}
+             "request_id": rec.request_id, "violation": violation, "in_window": in_window,
+             "path": rec.path}
         )  # fmt: skip
         self._open += 1
         try:
-            resp = await self._answer(request, rec, index, rid, violation, in_window)
+            if endpoint:
+                resp = await self._answer_drip(request, rec, index, rid, violation, in_window, endpoint)
+            else:
+                resp = await self._answer(request, rec, index, rid, violation, in_window)
         finally:
             self._open -= 1
         if "X-Request-Id" not in resp.headers:  # a scripted fault may bring its own
@@ -357,6 +400,102 @@ class FakeApi:
         if self.rate_limit_remaining_header and self.limit_requests is not None:
             headers = {"X-RateLimit-Remaining": str(max(0, self.limit_requests - in_window))}
         return web.json_response({}, status=202, headers=headers)
+
+    async def _read_payload(self, request: web.Request, rec: RecordedRequest, index: int) -> Any:
+        """The body as JSON (model.NOT_JSON if not), recorded; None if too large to read."""
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return None
+        rec.body_bytes = len(body)
+        try:
+            payload: Any = json.loads(body)
+        except ValueError:
+            payload = model.NOT_JSON
+        rec.subscribers = model.subscribers_of(payload)
+        rec.emails = model.emails_of(rec.subscribers)
+        self._note({"k": "body", "i": index, "body_bytes": rec.body_bytes, "subscribers": rec.subscribers})
+        return payload
+
+    def _scripted(self) -> _Fault | None:
+        return self._faults.popleft() if self._faults else None
+
+    async def _answer_drip(
+        self,
+        request: web.Request,
+        rec: RecordedRequest,
+        index: int,
+        rid: str,
+        violation: bool,
+        in_window: int,
+        endpoint: str,
+    ) -> web.StreamResponse:
+        """Drip's answers (SPEC §2, "The real Drip API"): 201 {} / 204, a 422 naming no record."""
+        payload = await self._read_payload(request, rec, index)
+        fault = self._scripted()
+        if fault is not None:
+            return await self._fault_response(fault)
+        if not self._authorized(request):
+            return web.json_response(model.DRIP_UNAUTHORIZED, status=401)
+        if request.match_info["account_id"] != self.account_id:
+            return web.json_response(model.DRIP_NOT_FOUND, status=404)
+        limit = self.limit_requests
+        if violation:
+            assert limit is not None
+            headers = {"X-RateLimit-Limit": str(limit), "X-RateLimit-Remaining": "0"}
+            return web.json_response(model.DRIP_RATE_LIMITED, status=429, headers=headers)
+        if payload is None or (self.max_body_bytes is not None and rec.body_bytes > self.max_body_bytes):
+            return web.json_response(model.errors({"code": "payload_too_large"}), status=413)
+        reason = model.invalid_reason(payload, self.max_batch)
+        if reason is not None:
+            err = {"code": "invalid_error", "attribute": "batches", "message": reason}
+            return web.json_response(model.errors(err), status=422)
+        subs: list[dict[str, Any]] = payload["batches"][0]["subscribers"]
+        if endpoint == "subscribers":
+            if any(s["email"] in self.reject_emails for s in subs):
+                return web.json_response(model.DRIP_EMAIL_INVALID, status=422)  # the whole batch
+            if model.rename_clash(self.state, subs):
+                return web.json_response(model.DRIP_EMAIL_TAKEN, status=422)
+        emails = list(dict.fromkeys(s["email"] for s in subs))
+        clashes = [e for e in emails if e in self._busy]
+        if clashes:
+            self.concurrent_conflicts += 1
+            self._note({"k": "conflict", "i": index})
+            errs = [{"code": "concurrent_update", "email": e} for e in clashes]
+            return web.json_response(model.errors(*errs), status=409)
+        for e in emails:
+            self._busy[e] = rid
+        try:
+            if self.latency > 0:
+                await asyncio.sleep(self.latency)
+            if endpoint == "subscribers":
+                model.apply_drip(self.state, subs, self.sends)
+                self._received += len(subs)
+            else:
+                model.apply_unsubscribes(self.state, emails)
+            self.accepted += 1
+            self._note({"k": "apply", "i": index, "op": endpoint})
+        finally:
+            for e in emails:
+                self._busy.pop(e, None)
+        headers = None
+        if self.rate_limit_remaining_header and limit is not None:
+            headers = {
+                "X-RateLimit-Limit": str(limit),
+                "X-RateLimit-Remaining": str(max(0, limit - in_window)),
+            }
+        if endpoint == "unsubscribes":
+            return web.Response(status=204, headers=headers)
+        return web.json_response({}, status=201, headers=headers)
+
+    async def _fault_response(self, fault: _Fault) -> web.Response:
+        if fault.delay:
+            await asyncio.sleep(fault.delay)
+        resp = web.Response(status=fault.status, body=fault.body or None)
+        if fault.content_type:
+            resp.headers["Content-Type"] = fault.content_type
+        resp.headers.update(fault.headers)  # the script's headers win
+        return resp
 
     # ---- the fake's own endpoints ----------------------------------------------------------
 

@@ -42,13 +42,13 @@ WHERE reason = 'rate_limited' AND (until_at IS NULL OR until_at <= $1::timestamp
 -- A credentials probe goes out now: the next one no earlier than $1 seconds from now.
 UPDATE {schema}.pauses
 SET until_at = clock_timestamp() + make_interval(secs => $1)
-WHERE reason = 'credentials'
+WHERE reason IN ('credentials', 'configuration')
 
 -- reopen_probe --
 -- A granted probe was not sent: let the next acquirer probe at once.
 UPDATE {schema}.pauses
 SET until_at = clock_timestamp()
-WHERE reason = 'credentials' AND until_at > clock_timestamp()
+WHERE reason IN ('credentials', 'configuration') AND until_at > clock_timestamp()
 
 -- insert_start --
 -- Take a slot: one ledger row per request start, stamped with the database clock; a paced grant
@@ -56,6 +56,14 @@ WHERE reason = 'credentials' AND until_at > clock_timestamp()
 INSERT INTO {schema}.requests (kind, batch_id, attempt, users, worker, granted_at)
 VALUES ($1, $2, $3, $4, $5, clock_timestamp() + make_interval(secs => coalesce($6, 0)))
 RETURNING id, started_at
+
+-- isolate_window --
+-- Starts of isolation requests (SPEC §2, limits.isolate_share) within $2 seconds before the moment $1,
+-- in seconds relative to it (<= 0): their own budget within the quota.
+SELECT ARRAY(SELECT extract(epoch FROM started_at - $1::timestamptz)::float8
+             FROM {schema}.requests
+             WHERE kind = 'isolate' AND started_at > $1::timestamptz - make_interval(secs => $2)
+             ORDER BY started_at)
 
 -- delete_start --
 -- Give a slot back: the request never started.
@@ -112,7 +120,7 @@ SET until_at = CASE WHEN p.reason = 'rate_limited' THEN greatest(p.until_at, exc
     detail = excluded.detail,
     since = CASE WHEN p.reason = 'rate_limited' AND p.until_at <= clock_timestamp()
                  THEN clock_timestamp() ELSE p.since END
-RETURNING extract(epoch FROM until_at - clock_timestamp())::float8 AS remaining
+RETURNING extract(epoch FROM until_at - clock_timestamp())::float8 AS remaining, (xmax = 0) AS fresh
 
 -- delete_pause --
 -- End a pause (a probe got through); returns the row if there was one.
