@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from usersyncd.fakeapi import FakeApiProcess
 
 # seeded rows are a day old: a short lookback lets `--once` end as soon as they are sent
 SOURCE = {"poll_interval": 0.2, "lookback": 1.0}
+WRAP: list[str] = []  # --wrap: e.g. a profiler in front of the daemon's command
 WIDE_OPEN = {"requests": 1_000_000, "window": 1.0, "margin": 0.0, "batch_size": 1000}
 
 
@@ -36,7 +38,7 @@ def run_measured(config: Path, log: Path, timeout: float) -> dict[str, float]:
     """`usersyncd run --once` in a child; its own rusage via wait4 (not the fake API's)."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "usersyncd", "run", "--once", "--config", str(config)],
+            [*WRAP, sys.executable, "-m", "usersyncd", "run", "--once", "--config", str(config)],
             stdout=out,
             stderr=out,
         )
@@ -102,7 +104,9 @@ async def main() -> None:
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "cpu.json")
+    parser.add_argument("--wrap", default="", help='e.g. "py-spy record -f raw -r 200 -o out.txt --"')
     args = parser.parse_args()
+    WRAP[:] = shlex.split(args.wrap)
     empty = await one_run_empty()
     print(f"empty table: {empty['cpu_s']:.2f} CPU-s (start-up and shutdown)", flush=True)
     runs = []
