@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import email_validator
+import orjson
 
 MAX_FIELD_LENGTH = 255  # characters; the API's limit for string fields
 EMAIL = "email"  # the API field every subscriber must have
@@ -81,8 +82,20 @@ def validate(user_id: str, row: Mapping[str, Any], fields: Mapping[str, str]) ->
 
 def content_hash(payload: Mapping[str, Any]) -> bytes:
     """SHA-256 of the payload's canonical JSON: equal payloads, equal hash, key order aside."""
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).digest()
+    return hashlib.sha256(canonical_json(payload)).digest()
+
+
+def canonical_json(payload: Any) -> bytes:
+    """Compact UTF-8 JSON with sorted keys: the bytes `json.dumps(sort_keys=True,
+    separators=(",", ":"), ensure_ascii=False)` gives, the format of every stored hash. orjson
+    writes exactly these ~10x faster, except floats (1e-05 is 0.00001 there) and the values it
+    refuses (an int beyond 64 bits, a lone surrogate), which keep json's answer."""
+    if not _has_float(payload):
+        try:
+            return orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:
+            pass
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def redacted_sample(payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -103,6 +116,27 @@ def to_json(value: Any) -> Any:
     if isinstance(value, Mapping):  # json/jsonb with a decoding codec
         return {str(key): to_json(item) for key, item in value.items()}
     raise TypeError(f"unsupported value type {type(value).__name__}")
+
+
+def compact_json(value: Any) -> bytes:
+    """Compact UTF-8 JSON as httpx writes a `json=` body (keys in their order), by orjson;
+    floats and the values orjson refuses keep json's answer (NaN is an error there)."""
+    if not _has_float(value):
+        try:
+            return orjson.dumps(value)
+        except orjson.JSONEncodeError:
+            pass
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def _has_float(value: Any) -> bool:
+    if isinstance(value, float):
+        return True
+    if isinstance(value, dict):
+        return any(map(_has_float, value.values()))
+    if isinstance(value, list | tuple):
+        return any(map(_has_float, value))
+    return False
 
 
 def _nest(values: Iterable[tuple[str, Any]]) -> dict[str, Any]:
