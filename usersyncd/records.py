@@ -36,7 +36,10 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _PLAIN_EMAIL = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_LABEL}\.)+[A-Za-z]{{1,63}}")
 _EMAIL_MAX = 254  # email-validator's limit on the whole address (characters, here ASCII)
 _DOMAIN_MAX = 253
-_SPECIAL_USE = tuple(email_validator.SPECIAL_USE_DOMAIN_NAMES)  # never globally deliverable
+# never globally deliverable; each is one label, so a domain is one when its last label is
+_SPECIAL_USE = frozenset(email_validator.SPECIAL_USE_DOMAIN_NAMES)
+assert not any("." in name for name in _SPECIAL_USE), "a dotted special-use name: check it whole"
+_SCALARS = frozenset({str, bool, int, float})  # exact types: skips isinstance for the usual
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +108,7 @@ def redacted_sample(payload: Mapping[str, Any]) -> dict[str, Any]:
 
 def to_json(value: Any) -> Any:
     """A column value as a JSON value (dates ISO 8601, decimals and UUIDs as strings)."""
-    if value is None or isinstance(value, str | bool | int | float):
+    if value is None or type(value) in _SCALARS or isinstance(value, str | bool | int | float):
         return value
     if isinstance(value, datetime.date | datetime.time):  # datetime is a date
         return value.isoformat()
@@ -130,12 +133,20 @@ def compact_json(value: Any) -> bytes:
 
 
 def _has_float(value: Any) -> bool:
-    if isinstance(value, float):
-        return True
-    if isinstance(value, dict):
-        return any(map(_has_float, value.values()))
-    if isinstance(value, list | tuple):
-        return any(map(_has_float, value))
+    """A float anywhere inside: exact types first (a payload is mostly strings)."""
+    items = (
+        value.values()
+        if isinstance(value, Mapping)
+        else value
+        if isinstance(value, list | tuple)
+        else (value,)
+    )
+    for item in items:
+        kind = type(item)
+        if kind is str or kind is int or kind is bool or item is None:
+            continue
+        if isinstance(item, float) or (isinstance(item, Mapping | list | tuple) and _has_float(item)):
+            return True
     return False
 
 
@@ -143,7 +154,8 @@ def _nest(values: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     """Dotted API names become nested objects. A null is sent as null: a field cleared in the
     table is cleared at the API too (G3: the API holds the latest state of every mapped field)."""
     values = list(values)
-    _check_shape([api_field for api_field, _ in values])
+    if _flat(tuple(api_field for api_field, _ in values)):
+        return dict(values)
     payload: dict[str, Any] = {}
     for api_field, value in values:
         *parents, leaf = api_field.split(".")
@@ -152,6 +164,13 @@ def _nest(values: Iterable[tuple[str, Any]]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = value
     return payload
+
+
+@functools.lru_cache(maxsize=64)
+def _flat(api_fields: tuple[str, ...]) -> bool:
+    """No dotted name (the payload is the pairs as they are); checks the shape once per mapping."""
+    _check_shape(list(api_fields))
+    return not any("." in api_field for api_field in api_fields)
 
 
 def _check_shape(api_fields: list[str]) -> None:
@@ -184,10 +203,10 @@ def _plain_email(value: str) -> bool:
     """A plain ASCII address email-validator accepts: True only when certain (then ~1 µs)."""
     if len(value) > _EMAIL_MAX or _PLAIN_EMAIL.fullmatch(value) is None:
         return False
-    domain = value[value.index("@") + 1 :].lower()
+    domain = value[value.index("@") + 1 :]
     if len(domain) > _DOMAIN_MAX or "--" in domain:
         return False
-    return not any(domain == name or domain.endswith("." + name) for name in _SPECIAL_USE)
+    return domain[domain.rindex(".") + 1 :].lower() not in _SPECIAL_USE
 
 
 def _time_zone_problem(value: Any) -> str | None:
