@@ -26,19 +26,22 @@ EMAIL = "email"  # the API field every subscriber must have
 TIME_ZONE = "time_zone"  # the API field checked against the IANA database
 _EXCERPT = 64  # characters of a bad value quoted in a reason
 _MASK = "***"
+_TOO_LONG = f"longer than {MAX_FIELD_LENGTH} characters"
 
 # The common address, checked without email-validator: ASCII dot-atom local part, ASCII
-# hostname labels (no "--" anywhere, so no Punycode or reserved labels), a TLD of letters.
-# It only ever says "valid" where email-validator does (tests/unit/test_email_fast_path.py);
-# anything else goes to email-validator, which words the reason.
+# hostname labels of at most 63 characters with single hyphens inside (so no Punycode "xn--" or
+# reserved "ab--" label), a TLD of letters that is no special-use name (.test, .local, ...:
+# never globally deliverable, and each is one label). It only ever says "valid" where
+# email-validator does (tests/unit/test_email_fast_path.py); anything else goes to
+# email-validator, which words the reason.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_PLAIN_EMAIL = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_LABEL}\.)+[A-Za-z]{{1,63}}")
+_LABEL = r"(?=[A-Za-z0-9-]{1,63}\.)[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*\."
+_SPECIAL_USE = "|".join(map(re.escape, email_validator.SPECIAL_USE_DOMAIN_NAMES))
+assert "." not in _SPECIAL_USE, "a dotted special-use name: the pattern checks the TLD alone"
+_PLAIN_EMAIL = re.compile(
+    rf"{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_LABEL})+(?!(?i:{_SPECIAL_USE})\Z)[A-Za-z]{{1,63}}"
+)
 _EMAIL_MAX = 254  # email-validator's limit on the whole address (characters, here ASCII)
-_DOMAIN_MAX = 253
-# never globally deliverable; each is one label, so a domain is one when its last label is
-_SPECIAL_USE = frozenset(email_validator.SPECIAL_USE_DOMAIN_NAMES)
-assert not any("." in name for name in _SPECIAL_USE), "a dotted special-use name: check it whole"
 _SCALARS = frozenset({str, bool, int, float})  # exact types: skips isinstance for the usual
 
 
@@ -72,14 +75,22 @@ def validate(user_id: str, row: Mapping[str, Any], fields: Mapping[str, str]) ->
             return Invalid(user_id, TIME_ZONE, problem)
     values: list[tuple[str, Any]] = []
     for api_field, column in fields.items():
-        try:
-            value = to_json(row[column])
-        except TypeError as exc:
-            return Invalid(user_id, api_field, str(exc))
-        problem = _value_problem(value)
-        if problem:
-            return Invalid(user_id, api_field, problem)
+        value = row[column]
+        kind = type(value)
+        if kind is str:  # the usual value: to_json keeps it, only its length can be wrong
+            if len(value) > MAX_FIELD_LENGTH:
+                return Invalid(user_id, api_field, _TOO_LONG)
+        elif not (value is None or kind is int or kind is bool):
+            try:
+                value = to_json(value)
+            except TypeError as exc:
+                return Invalid(user_id, api_field, str(exc))
+            problem = _value_problem(value)
+            if problem:
+                return Invalid(user_id, api_field, problem)
         values.append((api_field, value))
+    if _flat(tuple(fields)):
+        return dict(values)
     return _nest(values)
 
 
@@ -200,13 +211,9 @@ def _email_problem(value: Any) -> str | None:
 
 
 def _plain_email(value: str) -> bool:
-    """A plain ASCII address email-validator accepts: True only when certain (then ~1 µs)."""
-    if len(value) > _EMAIL_MAX or _PLAIN_EMAIL.fullmatch(value) is None:
-        return False
-    domain = value[value.index("@") + 1 :]
-    if len(domain) > _DOMAIN_MAX or "--" in domain:
-        return False
-    return domain[domain.rindex(".") + 1 :].lower() not in _SPECIAL_USE
+    """A plain ASCII address email-validator accepts: True only when certain (then ~0.4 µs).
+    Its domain is at most 252 characters then (below email-validator's 253)."""
+    return len(value) <= _EMAIL_MAX and _PLAIN_EMAIL.fullmatch(value) is not None
 
 
 def _time_zone_problem(value: Any) -> str | None:
@@ -222,7 +229,7 @@ def _time_zone_problem(value: Any) -> str | None:
 def _value_problem(value: Any) -> str | None:
     """A string too long or a float JSON cannot carry, anywhere inside the value."""
     if isinstance(value, str) and len(value) > MAX_FIELD_LENGTH:
-        return f"longer than {MAX_FIELD_LENGTH} characters"
+        return _TOO_LONG
     if isinstance(value, float) and not math.isfinite(value):
         return f"not a finite number ({value})"
     if isinstance(value, list):
