@@ -145,13 +145,12 @@ def compact_json(value: Any) -> bytes:
 
 def _has_float(value: Any) -> bool:
     """A float anywhere inside: exact types first (a payload is mostly strings)."""
-    items = (
-        value.values()
-        if isinstance(value, Mapping)
-        else value
-        if isinstance(value, list | tuple)
-        else (value,)
-    )
+    if type(value) is dict:  # a payload: skips the Mapping ABC check
+        items: Iterable[Any] = value.values()
+    elif isinstance(value, Mapping):
+        items = value.values()
+    else:
+        items = value if isinstance(value, list | tuple) else (value,)
     for item in items:
         kind = type(item)
         if kind is str or kind is int or kind is bool or item is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import asyncpg
 
@@ -177,8 +177,7 @@ class Source:
         return {r[0]: Row(r[0], r[1], cast(Mapping[str, Any], r)) for r in records}
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):  # a tuple: made once per user read, ~4x cheaper than a frozen dataclass
     user_id: str
     updated_at: datetime  # NULL_VERSION when the column is NULL
     values: Mapping[str, Any]  # column -> value (an asyncpg Record: indexed by column name)
