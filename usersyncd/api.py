@@ -24,6 +24,7 @@ from loguru import logger
 
 import usersyncd.config
 import usersyncd.log
+import usersyncd.records
 
 BODY_EXCERPT = 2048  # characters of a failed response kept for the failures table
 LOG_EXCERPT = 200  # characters of the cause on a log line
@@ -158,7 +159,9 @@ class ExternalUserApi:
     async def _post(self, body: Any, request_id: str) -> tuple[bytes, httpx.Response]:
         headers = {"X-Request-Id": request_id}
         path = self._config.resolve(self._config.batch_path)
-        async with self._client.stream("POST", path, json=body, headers=headers) as response:
+        # the bytes httpx's json= writes, by orjson (JSON encoding was a tenth of the daemon's CPU)
+        content = usersyncd.records.compact_json(body)
+        async with self._client.stream("POST", path, content=content, headers=headers) as response:
             return await _read_capped(response), response
 
     async def probe(self) -> Probe:

@@ -6,10 +6,10 @@ SQL predicate, inserted as written (SPEC G9). usersyncd only ever SELECTs here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 import asyncpg
 
@@ -173,17 +173,14 @@ class Source:
     async def fetch(self, conn: asyncpg.Connection, user_ids: Sequence[str]) -> dict[str, Row]:
         """The users' rows as they are now, by id (missing: deleted or filtered out)."""
         records = await conn.fetch(self.fetch_sql(), list(user_ids))
-        return {
-            r["__usersyncd_id"]: Row(r["__usersyncd_id"], r["__usersyncd_updated_at"], dict(r.items()))
-            for r in records
-        }
+        # the record itself is the column -> value mapping: no dict built per row
+        return {r[0]: Row(r[0], r[1], cast(Mapping[str, Any], r)) for r in records}
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):  # a tuple: made once per user read, ~4x cheaper than a frozen dataclass
     user_id: str
     updated_at: datetime  # NULL_VERSION when the column is NULL
-    values: dict[str, Any]  # column -> value
+    values: Mapping[str, Any]  # column -> value (an asyncpg Record: indexed by column name)
 
 
 async def inspect(conn: asyncpg.Connection, config: SourceConfig) -> Source:

@@ -6,10 +6,13 @@ import dataclasses
 import datetime
 import decimal
 import hashlib
+import json
 import uuid
 from typing import Any
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from usersyncd import records
 
@@ -246,3 +249,61 @@ def test_redacted_sample_masks_every_string() -> None:
         "note": "",
         "active": True,
     }
+
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)  # beyond 64 bits: orjson refuses those
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),  # any code point: controls, U+2028, astral, lone surrogates
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.dictionaries(st.text(max_size=12), _JSON_VALUES, max_size=6))
+@example({"email": "a@example.com", "small": 1e-05, "big": 1e16, "ctl": "\x00\x1f\x7f\u2028"})
+def test_canonical_json_is_the_stored_hash_format(payload: dict) -> None:
+    """The hash's bytes are json.dumps' as before orjson (no stored hash changes): the same
+    bytes, or the same error for a value neither can write."""
+    try:
+        before = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
+            "utf-8"
+        )
+    except UnicodeEncodeError:
+        with pytest.raises(UnicodeEncodeError):
+            records.canonical_json(payload)
+        return
+    assert records.canonical_json(payload) == before
+
+
+def test_canonical_json_uses_orjson_for_plain_payloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The common payload never reaches json.dumps (the slow path this replaced)."""
+    payload = {"email": "a@example.com", "name": "Zoë", "tags": ["a", "b"], "n": 3}
+    before = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    monkeypatch.setattr(records.json, "dumps", None)
+    assert records.canonical_json(payload) == before
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.lists(st.dictionaries(st.text(max_size=12), _JSON_VALUES, max_size=6), max_size=5))
+@example([{"email": "a@example.com", "small": 1e-05}])
+def test_compact_json_is_what_httpx_sent(subscribers: list) -> None:
+    """The request body: the bytes httpx's `json=` wrote (json.dumps, compact, UTF-8), or
+    for floats the same values (1e-05 may read 0.00001); keys keep their order."""
+    body = {"batches": [{"subscribers": subscribers}]}
+    try:
+        before = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:
+        with pytest.raises(UnicodeEncodeError):
+            records.compact_json(body)
+        return
+    after = records.compact_json(body)
+    assert json.loads(after) == json.loads(before)
+    assert list(json.loads(after)["batches"][0]["subscribers"]) == subscribers
+    if not records._has_float(body):
+        assert after == before
