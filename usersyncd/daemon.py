@@ -15,8 +15,7 @@ from loguru import logger
 from usersyncd import __version__, api, db, pipeline, redrive, source, status, systemd
 from usersyncd.config import Config
 from usersyncd.errors import DatabaseError, UserSyncError
-from usersyncd.http import READY_TIMEOUT, HealthServer
-from usersyncd.metrics import Metrics, SnapshotCache
+from usersyncd.metrics import READY_TIMEOUT, Metrics, SnapshotCache
 from usersyncd.poller import UserSyncService
 from usersyncd.queue import Queue
 from usersyncd.quota import Quota
@@ -58,6 +57,8 @@ class Daemon:
         health = None
         try:
             if cfg.http.address is not None:
+                from usersyncd.http import HealthServer  # aiohttp's server: only when listening
+
                 health = HealthServer(
                     self.metrics, ready=self._not_ready_because, refresh=self._refresh_metrics
                 )

@@ -9,9 +9,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import http_exceptions, web
 from loguru import logger
 
-from usersyncd.metrics import CONTENT_TYPE, Metrics
-
-READY_TIMEOUT = 2.0  # seconds for the readiness check's database round trip
+from usersyncd.metrics import CONTENT_TYPE, READY_TIMEOUT, Metrics
 
 
 class _MalformedRequestsAtDebug(logging.Filter):

@@ -14,6 +14,7 @@ from usersyncd.status import Status
 
 OUTCOMES = tuple(kind.value for kind in OutcomeKind)
 DEAD_LETTER_KINDS = ("invalid", "rejected", "exhausted", "too_large", "error")
+READY_TIMEOUT = 2.0  # seconds for the readiness check's database round trip
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds
 
 
