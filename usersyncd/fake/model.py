@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 NOT_JSON = object()  # sentinel: body did not parse (distinct from a JSON `null`)
 
@@ -164,3 +168,49 @@ def max_arrivals_in_any_window(requests: list[RecordedRequest], span: float) -> 
             first += 1
         best = max(best, last - first + 1)
     return best
+
+
+class Recording:
+    """What both fakes tell of what they recorded: the server in this process (`FakeApi`) and the
+    proxy of one in another (`FakeApiProcess`, whose recorded attributes bring themselves up to
+    date from the journal when read)."""
+
+    requests: list[RecordedRequest]
+    state: dict[str, dict[str, Any]]
+    accepted: int
+    violations: int
+    max_in_window: int
+    concurrent_conflicts: int
+    window: float
+    _statuses: Counter[int]
+    _received: int
+    _open: int
+
+    def stats(self) -> dict[str, Any]:
+        """JSON-able summary (statuses keyed by int code; answered requests only)."""
+        requests = len(self.requests)  # first: on the proxy, this read brings the rest up to date
+        return {
+            "requests": requests,
+            "accepted": self.accepted,
+            "violations": self.violations,
+            "max_in_window": self.max_in_window,
+            "concurrent_conflicts": self.concurrent_conflicts,
+            "statuses": dict(sorted(self._statuses.items())),
+            "users_received": self._received,
+            "distinct_users": len(self.state),
+            "in_flight": self._open,
+        }
+
+    async def wait_for(
+        self, predicate: Callable[[Self], bool], timeout: float, interval: float = 0.02
+    ) -> None:
+        """Poll until predicate(self) is true; TimeoutError (with stats) after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while not predicate(self):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"fake API condition not met in {timeout}s: {self.stats()}")
+            await asyncio.sleep(interval)
+
+    def max_arrivals_in_any_window(self, window: float | None = None) -> int:
+        """Most arrivals within any `window` seconds, over all recorded requests."""
+        return max_arrivals_in_any_window(self.requests, self.window if window is None else window)

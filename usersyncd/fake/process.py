@@ -24,8 +24,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from typing import Any
 
 from usersyncd.fake import model
@@ -63,7 +61,7 @@ class _Recorded:
         raise AttributeError(f"{self.name} is recorded by the fake API process; it cannot be set")
 
 
-class FakeApiProcess:
+class FakeApiProcess(model.Recording):
     """`python -m usersyncd.fakeapi` in a child process, with FakeApi's attributes.
 
     `launch()` starts the process without waiting; `wait_ready()` (or `await start()`) waits
@@ -278,38 +276,6 @@ class FakeApiProcess:
             wrapped = None if body is None else {"json": body}
         spec = {"status": status, "times": times, "headers": headers, "body": wrapped, "delay": delay}
         self._call("POST", "/_fake/script", spec)
-
-    def stats(self) -> dict[str, Any]:
-        """JSON-able summary (statuses keyed by int code; answered requests only)."""
-        self._refresh()
-        return {
-            "requests": len(self._requests),
-            "accepted": self._accepted,
-            "violations": self._violations,
-            "max_in_window": self._max_in_window,
-            "concurrent_conflicts": self._concurrent_conflicts,
-            "statuses": dict(sorted(self._statuses.items())),
-            "users_received": self._received,
-            "distinct_users": len(self._state),
-            "in_flight": self._open,
-        }
-
-    async def wait_for(
-        self,
-        predicate: Callable[[FakeApiProcess], bool],
-        timeout: float,
-        interval: float = 0.02,
-    ) -> None:
-        """Poll until predicate(self) is true; TimeoutError (with stats) after `timeout` s."""
-        deadline = time.monotonic() + timeout
-        while not predicate(self):
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"fake API condition not met in {timeout}s: {self.stats()}")
-            await asyncio.sleep(interval)
-
-    def max_arrivals_in_any_window(self, window: float | None = None) -> int:
-        """Most arrivals within any `window` seconds, over all recorded requests."""
-        return model.max_arrivals_in_any_window(self.requests, self.window if window is None else window)
 
     # ---- the journal -----------------------------------------------------------------------
 

@@ -17,7 +17,6 @@ import json
 import mmap
 import struct
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +38,7 @@ class _Fault:
     delay: float
 
 
-class FakeApi:
+class FakeApi(model.Recording):
     """The fake server. All state is per instance; attributes may be changed at runtime."""
 
     def __init__(
@@ -200,37 +199,6 @@ class FakeApi:
             raw, content_type = b"{}", "application/json"
         fault = _Fault(status, dict(headers or {}), raw, content_type, delay)
         self._faults.extend([fault] * times)
-
-    def stats(self) -> dict[str, Any]:
-        """JSON-able summary (statuses keyed by int code; answered requests only)."""
-        return {
-            "requests": len(self.requests),
-            "accepted": self.accepted,
-            "violations": self.violations,
-            "max_in_window": self.max_in_window,
-            "concurrent_conflicts": self.concurrent_conflicts,
-            "statuses": dict(sorted(self._statuses.items())),
-            "users_received": self._received,
-            "distinct_users": len(self.state),
-            "in_flight": self._open,
-        }
-
-    async def wait_for(
-        self,
-        predicate: Callable[[FakeApi], bool],
-        timeout: float,
-        interval: float = 0.02,
-    ) -> None:
-        """Poll until predicate(self) is true; TimeoutError (with stats) after `timeout` s."""
-        deadline = time.monotonic() + timeout
-        while not predicate(self):
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"fake API condition not met in {timeout}s: {self.stats()}")
-            await asyncio.sleep(interval)
-
-    def max_arrivals_in_any_window(self, window: float | None = None) -> int:
-        """Most arrivals within any `window` seconds, over all recorded requests."""
-        return model.max_arrivals_in_any_window(self.requests, self.window if window is None else window)
 
     # ---- request handling ------------------------------------------------------------------
 
