@@ -10,7 +10,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -33,6 +33,17 @@ class Batch:
     last_status: int | None = None  # of the last attempt that failed (persisted)
     last_error: str | None = None
     last_kind: str | None = None  # 'exhausted' (the API's answers) or 'error' (preparing it)
+
+
+class Sent(NamedTuple):
+    """A user the API accepted: what `sync_state` keeps of it."""
+
+    user_id: str
+    hash: bytes  # of the payload sent (G4)
+    read_at: datetime  # the row's updated_at when read
+    seq: int  # its stage_seq when read: staged again since means send again
+    email: str | None  # the email the API keys it by now (G12)
+    tags: str | None  # the tags sent, as JSON (removed ones go as remove_tags later)
 
 
 @dataclass(frozen=True)
@@ -127,23 +138,25 @@ class Queue:
             await conn.execute(self.sql["lock_users"], ids)
             await conn.execute(self.sql["put_back"], batch.id, ids)
 
-    async def mark_sent(self, batch: Batch, sent: Sequence[tuple[str, bytes, datetime, int]]) -> None:
-        """The API accepted these (user id, hash, updated_at read, stage_seq read): remember
-        what was sent. Idempotent (only users still in the batch change), so it can be retried.
-        Their failures are resolved apart (`resolve_failures`), after this commits."""
+    async def mark_sent(self, batch: Batch, sent: Sequence[Sent]) -> None:
+        """The API accepted these users: remember what was sent. Idempotent (only users still
+        in the batch change), so it can be retried. Their failures are resolved apart
+        (`resolve_failures`), after this commits."""
         if not sent:
             return
         ordered = sorted(sent)
-        ids = [user_id for user_id, _, _, _ in ordered]
+        ids = [s.user_id for s in ordered]
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(self.sql["lock_users"], ids)
             await conn.execute(
                 self.sql["mark_sent"],
                 batch.id,
                 ids,
-                [h for _, h, _, _ in ordered],
-                [t for _, _, t, _ in ordered],
-                [q for _, _, _, q in ordered],
+                [s.hash for s in ordered],
+                [s.read_at for s in ordered],
+                [s.seq for s in ordered],
+                [s.email for s in ordered],
+                [s.tags for s in ordered],
             )
 
     async def resolve_failures(self, user_ids: Sequence[str]) -> int:

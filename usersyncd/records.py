@@ -24,6 +24,7 @@ import orjson
 MAX_FIELD_LENGTH = 255  # characters; the API's limit for string fields
 EMAIL = "email"  # the API field every subscriber must have
 TIME_ZONE = "time_zone"  # the API field checked against the IANA database
+TAGS = "tags"  # a list the API adds to; those sent before and dropped since go as remove_tags
 _EXCERPT = 64  # characters of a bad value quoted in a reason
 _MASK = "***"
 _TOO_LONG = f"longer than {MAX_FIELD_LENGTH} characters"
@@ -110,6 +111,12 @@ def canonical_json(payload: Any) -> bytes:
         except orjson.JSONEncodeError:
             pass
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def tags_json(payload: Mapping[str, Any]) -> str | None:
+    """The payload's tags as `sync_state.sent_tags` keeps them (JSON), None without any."""
+    tags = payload.get(TAGS)
+    return None if tags is None else canonical_json(tags).decode("utf-8")
 
 
 def redacted_sample(payload: Mapping[str, Any]) -> dict[str, Any]:

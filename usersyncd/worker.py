@@ -22,11 +22,11 @@ import asyncpg
 import tenacity
 from loguru import logger
 
-from usersyncd import api, db, former, outcomes, reading
+from usersyncd import api, db, former, outcomes, reading, records
 from usersyncd.config import Config
 from usersyncd.errors import Stopping, TransientDeliveryError, UserSyncError
 from usersyncd.metrics import Metrics
-from usersyncd.queue import Batch, Queue
+from usersyncd.queue import Batch, Queue, Sent
 from usersyncd.quota import Quota, Slot
 from usersyncd.source import Source
 
@@ -242,7 +242,10 @@ class SyncUserBatch:
     async def record_sent(self, batch: Batch, members: Sequence[former.Member]) -> None:
         """The API accepted `members`: remember it, whatever it takes. Bookkeeping that fails
         after the answer is retried on its own and never sends the batch again (G4)."""
-        sent = [(m.user_id, m.hash, m.read_at, m.seq) for m in members]
+        sent = [
+            Sent(m.user_id, m.hash, m.read_at, m.seq, m.payload.get(records.EMAIL), records.tags_json(m.payload))
+            for m in members
+        ]
         delay = 0.2
         while True:
             try:

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from usersyncd import db
-from usersyncd.queue import Batch, Queue
+from usersyncd.queue import Batch, Queue, Sent
 
 pytestmark = pytest.mark.db
 
@@ -49,8 +49,8 @@ async def hold(pool: asyncpg.Pool, user_ids: list[str]) -> Batch:
     return Batch(batch_id, user_ids)
 
 
-def sent(user_ids: list[str]) -> list[tuple[str, bytes, datetime, int]]:
-    return [(u, b"h" + u.encode(), datetime.now(UTC), 1) for u in user_ids]
+def sent(user_ids: list[str]) -> list[Sent]:
+    return [Sent(u, b"h" + u.encode(), datetime.now(UTC), 1, f"{u}@example.com", None) for u in user_ids]
 
 
 async def test_marking_a_batch_sent_stays_fast_with_300000_open_failures(pool: asyncpg.Pool) -> None:

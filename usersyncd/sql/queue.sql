@@ -95,16 +95,20 @@ UPDATE {schema}.sync_state SET batch_id = NULL WHERE batch_id = $1 AND user_id =
 
 -- mark_sent --
 -- The API accepted these users with these contents ($2 ids, $3 hashes, $4 updated_at read,
--- $5 stage_seq when read): they wait again only if staged again since.
+-- $5 stage_seq when read, $6 the email sent, $7 the tags sent as JSON or NULL): they wait
+-- again only if staged again since.
 UPDATE {schema}.sync_state s
 SET batch_id = NULL,
     sent_hash = r.hash,
+    sent_email = r.email,
+    sent_tags = r.tags,
     sent_updated_at = r.read_at,
     sent_at = clock_timestamp(),
     settled_at = clock_timestamp(),
     settled = 'sent',
     dirty = s.stage_seq > r.seq
-FROM unnest($2::text[], $3::bytea[], $4::timestamptz[], $5::bigint[]) AS r(user_id, hash, read_at, seq)
+FROM unnest($2::text[], $3::bytea[], $4::timestamptz[], $5::bigint[], $6::text[], $7::jsonb[])
+    AS r(user_id, hash, read_at, seq, email, tags)
 WHERE s.user_id = r.user_id AND s.batch_id = $1;
 
 -- resolve_failures --
