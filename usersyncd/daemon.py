@@ -145,6 +145,7 @@ class Daemon:
         await self._register()
         tasks = {
             asyncio.create_task(self.poller.run(self.stop), name="poller"),
+            asyncio.create_task(self.poller.run_rereads(self.stop), name="lookback re-read"),
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(
                 redrive.run(self.pool, cfg.database.state_schema, cfg.retry, self.stop), name="redrive"

@@ -55,7 +55,9 @@ class Source:
 
         `scan` is "live", "backfill" or "nulls". Parameters:
         live      $1 start updated_at, $2 start id (text; NULL without has_cursor_id), $3 page
-                  size, $4 lane (live, or paced for a wave);
+                  size, $4 lane (live, or paced for a wave), $5 how many more the live lane
+                  may take in: a page with more new versions goes to the paced lane (a wave
+                  committed after the poll counted it must not fill the live lane);
         backfill  the same, then $5 the first start (exclusive upper bound on updated_at) and
                   $6 lookback: a row stamped less than `lookback` before the statement may
                   still be committed late, so the walk waits for it (`whole`: it did not wait);
@@ -84,6 +86,8 @@ class Source:
                 where += f" AND {upd} < {bound}"
                 whole = f"{bound} >= $5::timestamptz"
             version, limit, lane = f"{upd}", "$3", "$4"
+            if scan == "live":
+                lane = "CASE WHEN $4 = 0 AND (SELECT count(*) FROM fresh) > $5 THEN 1 ELSE $4 END"
         return f"""
             WITH page AS (
                 SELECT {uid}::text AS user_id, {version}::timestamptz AS updated_at
