@@ -16,11 +16,13 @@ import asyncpg
 
 from usersyncd import db
 
-LANES = ("live", "backfill", "wave", "redrive")  # sync_state.lane: taken in this order
+# sync_state.lane, taken in this order: live changes; paced ones (the backfill and waves, one
+# slot apart); redrives (G13). 2 is not used (waves share the paced lane).
+LANES = {0: "live", 1: "paced", 3: "redrive"}
 
 
 def lane_name(lane: int) -> str:
-    return LANES[lane] if 0 <= lane < len(LANES) else f"lane {lane}"
+    return LANES.get(lane, f"lane {lane}")
 
 
 @dataclass
