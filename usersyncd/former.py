@@ -42,7 +42,7 @@ class Member:
     read_at: datetime  # the row's updated_at when read
     seq: int  # the user's stage_seq when read: staged again since means send again
     email: str  # the email the API keys the subscriber by once this is accepted (G12)
-    pending: str | None  # ... and the one it may be keyed by if the answer is lost
+    pending: str | None  # a rename this body starts: kept before sending, dropped if refused
     again: bool  # `email` is not the row's yet: the user goes once more
 
 

@@ -134,6 +134,15 @@ class Queue:
             await conn.execute(self.sql["lock_users"], ids)
             await conn.execute(self.sql["mark_pending"], batch.id, ids, [pending[u] for u in ids])
 
+    async def clear_pending(self, pending: dict[str, str]) -> None:
+        """The API refused these renames (an answer: nothing of the request was applied)."""
+        if not pending:
+            return
+        ids = sorted(pending)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(self.sql["lock_users"], ids)
+            await conn.execute(self.sql["clear_pending"], ids, [pending[u] for u in ids])
+
     async def set_members(self, batch: Batch, user_ids: Sequence[str], lane: int | None = None) -> None:
         batch.user_ids = list(user_ids)
         await self.pool.execute(self.sql["set_members"], batch.id, batch.user_ids, lane)

@@ -141,7 +141,7 @@ class Subscriber:
 
     body: dict[str, Any]
     email: str  # the email the API keys the subscriber by once this is accepted
-    pending: str | None  # the email it is keyed by if this lands unanswered: kept before sending
+    pending: str | None  # a rename this body starts: its NEW is kept before sending (`Prior.pending`)
     again: bool  # the row's email is not `email` yet: the user goes once more after this
 
 
@@ -163,9 +163,9 @@ def subscriber(payload: dict[str, Any], prior: Prior, *, rename: bool) -> Subscr
         if alt is None:
             key, new, pending = old, email, email
         elif email == old:  # back to OLD while a rename to alt may have landed
-            key, new, pending = alt, old, alt
+            key, new = alt, old
         else:  # alt is NEW, or a third email: the API holds OLD or alt, so rename to alt first
-            key, new, pending = old, alt, alt
+            key, new = old, alt
         body = {EMAIL: key, NEW_EMAIL: new} | {k: v for k, v in payload.items() if k != EMAIL}
         holds = new
     if TAGS in payload and prior.tags:

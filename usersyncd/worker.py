@@ -311,7 +311,9 @@ class SyncUserBatch:
     async def dead_letter(
         self, batch: Batch, kind: str, members: Sequence[former.Member], outcome: api.Outcome, attempt_no: int
     ) -> None:
-        """These members to failures with the API's answer."""
+        """These members to failures with the API's answer (a refusal: the renames they started
+        did not land, G12)."""
+        await self.queue.clear_pending({m.user_id: m.pending for m in members if m.pending})
         await self._dead_letter_users(
             batch,
             kind,

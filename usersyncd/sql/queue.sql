@@ -72,6 +72,13 @@ UPDATE {schema}.sync_state s SET pending_email = r.email
 FROM unnest($2::text[], $3::text[]) AS r(user_id, email)
 WHERE s.user_id = r.user_id AND s.batch_id = $1 AND s.pending_email IS DISTINCT FROM r.email;
 
+-- clear_pending --
+-- The API refused renames it was sent ($1 ids, $2 their NEW emails): none of them landed, so
+-- the subscriber is under sent_email for certain (a later send starts from it again).
+UPDATE {schema}.sync_state s SET pending_email = NULL
+FROM unnest($1::text[], $2::text[]) AS r(user_id, email)
+WHERE s.user_id = r.user_id AND s.pending_email = r.email;
+
 -- lock_users --
 -- Lock these users' rows in user_id order, the order every writer of sync_state uses (no deadlock).
 SELECT 1 FROM {schema}.sync_state WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE;
