@@ -147,7 +147,9 @@ class Former:
         batch.lane = lane
         await self.queue.set_members(batch, [m.user_id for m in members], lane)
         if members:
-            self.log.bind(batch_id=batch.id, users=len(members), lane=lane_name(lane)).info("batch created")
+            renames = sum(1 for m in members if records.NEW_EMAIL in m.payload)
+            log = self.log.bind(batch_id=batch.id, users=len(members), lane=lane_name(lane))
+            (log.bind(renames=renames) if renames else log).info("batch created")
         return members
 
     async def refresh(self, batch: Batch, members: list[Member]) -> list[Member]:

@@ -117,3 +117,5 @@ async def test_renames_swap_and_removed_tags(
         assert state[email_of(i)]["tags"] == [f"plan{i % 3}"], state[email_of(i)]
     assert state["user500@example.com"]["tags"] == ["customer", "plan2"]
     assert fake_api.violations == 0
+    created = [e for e in daemon.logs() if e.get("message") == "batch created"]
+    assert sum(e.get("renames", 0) for e in created) >= len(RENAMED) + len(SWAPPED)
