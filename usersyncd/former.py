@@ -31,7 +31,7 @@ FORM_LEAD = 0.5  # seconds before its slot frees that a fresh batch is formed
 FORM_BUDGET = 3.0  # seconds, at most, spent topping up one batch that deduplication empties
 FORM_ROUND_MAX = 10_000  # users taken in one top-up round, at most
 YIELD_EVERY = 100  # users validated between yields to the event loop
-NEVER_KNOWN = Known(None, 0, records.NEVER_SENT)  # a user sync_state has no row for
+NEVER_KNOWN: Known = Known(None, 0, records.NEVER_SENT)  # a user sync_state has no row for
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,8 @@ class Former:
                 await asyncio.sleep(0)  # validation is CPU work: let a request in flight go out
             if user_id in dropped:
                 continue
-            sent_hash, seq, prior = known.get(user_id, NEVER_KNOWN)
+            state = known.get(user_id, NEVER_KNOWN)
+            seq, prior = state.seq, state.prior
             row = rows.get(user_id)
             if row is None:  # deleted, or no longer passes the filter
                 dropped[user_id] = seq
@@ -207,7 +208,7 @@ class Former:
                 dropped[user_id] = seq
                 continue
             assert digest is not None
-            if prior.unchanged(result, sent_hash, digest):  # the API has exactly this already (G4)
+            if prior.unchanged(result, state.sent_hash, digest):  # the API has exactly this already (G4)
                 dropped[user_id] = seq
                 settled[user_id] = "unchanged"
                 continue

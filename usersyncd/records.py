@@ -16,7 +16,7 @@ import math
 import re
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import email_validator
 import orjson
@@ -115,9 +115,9 @@ def canonical_json(payload: Any) -> bytes:
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-@dataclasses.dataclass(frozen=True)
-class Prior:
-    """What `sync_state` keeps of what the API last accepted for a user (G12)."""
+class Prior(NamedTuple):
+    """What `sync_state` keeps of what the API last accepted for a user (G12). (NamedTuples:
+    one of each per user sent, created twice as fast as a frozen dataclass.)"""
 
     email: str | None  # the email the API keys its subscriber by; None: never sent (or sent before 0010)
     pending: str | None  # a rename to this one may have landed unanswered: the API holds one of the two
@@ -135,8 +135,7 @@ class Prior:
 NEVER_SENT = Prior(None, None, None)
 
 
-@dataclasses.dataclass(frozen=True)
-class Subscriber:
+class Subscriber(NamedTuple):
     """What goes to the API for one user, and what the API holds once it accepts it."""
 
     body: dict[str, Any]
@@ -158,6 +157,9 @@ def subscriber(payload: dict[str, Any], prior: Prior, *, rename: bool) -> Subscr
     """
     email = payload[EMAIL]
     old, alt = prior.email, prior.pending
+    tagged = bool(prior.tags) and TAGS in payload
+    if (not rename or old is None or (old == email and alt is None)) and not tagged:
+        return Subscriber(payload, email, None, False)  # the usual: the row's payload as it is
     body, holds, pending = payload, email, None
     if rename and old is not None and (old != email or alt is not None):
         if alt is None:
@@ -168,7 +170,8 @@ def subscriber(payload: dict[str, Any], prior: Prior, *, rename: bool) -> Subscr
             key, new = old, alt
         body = {EMAIL: key, NEW_EMAIL: new} | {k: v for k, v in payload.items() if k != EMAIL}
         holds = new
-    if TAGS in payload and prior.tags:
+    if tagged:
+        assert prior.tags is not None
         current = payload[TAGS] if isinstance(payload[TAGS], list) else []
         removed: list[Any] = []
         for tag in prior.tags:
