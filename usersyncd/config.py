@@ -181,6 +181,9 @@ class ApiConfig(_Section):
     batch_path: str = "/subscribers/batches"
     probe_path: str = ""  # a GET outside the batch quota: `check --api` (Drip: /v2/accounts/{account_id})
     user_agent: str = ""  # default "usersyncd/VERSION"
+    # how an email changed in the table reaches the API (G12): "new_email" renames the subscriber
+    # the API holds under the old one; "none" sends the new email as it is (a new subscriber)
+    rename: Literal["new_email", "none"] = "new_email"
     auth: str = "bearer"
     timeout: Seconds = 30.0
 

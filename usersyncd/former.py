@@ -22,7 +22,7 @@ from usersyncd import db, reading, records
 from usersyncd.config import Config
 from usersyncd.errors import DatabaseError, Stopping
 from usersyncd.metrics import Metrics
-from usersyncd.queue import Batch, Queue, lane_name
+from usersyncd.queue import Batch, Known, Queue, lane_name
 from usersyncd.quota import Quota, Slot
 from usersyncd.source import Source
 
@@ -31,15 +31,19 @@ FORM_LEAD = 0.5  # seconds before its slot frees that a fresh batch is formed
 FORM_BUDGET = 3.0  # seconds, at most, spent topping up one batch that deduplication empties
 FORM_ROUND_MAX = 10_000  # users taken in one top-up round, at most
 YIELD_EVERY = 100  # users validated between yields to the event loop
+NEVER_KNOWN: Known = Known(None, 0, records.NEVER_SENT)  # a user sync_state has no row for
 
 
 @dataclass(frozen=True)
 class Member:
     user_id: str
-    payload: dict[str, Any]
-    hash: bytes
+    payload: dict[str, Any]  # the body sent: the row's, as a rename and with remove_tags if need be
+    hash: bytes  # of the row's payload (G4): what the user's data is, whatever the body
     read_at: datetime  # the row's updated_at when read
     seq: int  # the user's stage_seq when read: staged again since means send again
+    email: str  # the email the API keys the subscriber by once this is accepted (G12)
+    pending: str | None  # a rename this body starts: kept before sending, dropped if refused
+    again: bool  # `email` is not the row's yet: the user goes once more
 
 
 @dataclass
@@ -143,7 +147,9 @@ class Former:
         batch.lane = lane
         await self.queue.set_members(batch, [m.user_id for m in members], lane)
         if members:
-            self.log.bind(batch_id=batch.id, users=len(members), lane=lane_name(lane)).info("batch created")
+            renames = sum(1 for m in members if records.NEW_EMAIL in m.payload)
+            log = self.log.bind(batch_id=batch.id, users=len(members), lane=lane_name(lane))
+            (log.bind(renames=renames) if renames else log).info("batch created")
         return members
 
     async def refresh(self, batch: Batch, members: list[Member]) -> list[Member]:
@@ -167,15 +173,17 @@ class Former:
         members: list[Member] = []
         dropped: dict[str, int] = {}
         settled: dict[str, str] = {}
+        rename = self.config.api.rename == "new_email"
         for bad in unreadable:  # a value the driver cannot decode: only its user fails (G14)
             await self._unusable(batch, bad.user_id, bad.field, bad.reason)
-            dropped[bad.user_id] = known.get(bad.user_id, (None, 0))[1]
+            dropped[bad.user_id] = known.get(bad.user_id, NEVER_KNOWN).seq
         for n, user_id in enumerate(user_ids):
             if n % YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # validation is CPU work: let a request in flight go out
             if user_id in dropped:
                 continue
-            sent_hash, seq = known.get(user_id, (None, 0))
+            state = known.get(user_id, NEVER_KNOWN)
+            seq, prior = state.seq, state.prior
             row = rows.get(user_id)
             if row is None:  # deleted, or no longer passes the filter
                 dropped[user_id] = seq
@@ -200,11 +208,14 @@ class Former:
                 dropped[user_id] = seq
                 continue
             assert digest is not None
-            if sent_hash == digest:  # the API has exactly this already (G4)
+            if prior.unchanged(result, state.sent_hash, digest):  # the API has exactly this already (G4)
                 dropped[user_id] = seq
                 settled[user_id] = "unchanged"
                 continue
-            members.append(Member(user_id, result, digest, row.updated_at, seq))
+            sub = records.subscriber(result, prior, rename=rename)
+            members.append(
+                Member(user_id, sub.body, digest, row.updated_at, seq, sub.email, sub.pending, sub.again)
+            )
         await self.queue.drop_users(batch, dropped, settled=settled)
         if dropped:  # they are no longer the batch's
             batch.user_ids = [u for u in batch.user_ids if u not in dropped]

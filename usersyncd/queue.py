@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
-from usersyncd import db
+from usersyncd import db, records
 
 # sync_state.lane, taken in this order: live changes; paced ones (the backfill and waves, one
 # slot apart); redrives (G13). 2 is not used (waves share the paced lane).
@@ -46,6 +46,15 @@ class Sent(NamedTuple):
     seq: int  # its stage_seq when read: staged again since means send again
     email: str | None  # the email the API keys it by now (G12)
     tags: str | None  # the tags sent, as JSON (removed ones go as remove_tags later)
+    again: bool = False  # sent with another email than its row's (a rename finished first): again
+
+
+class Known(NamedTuple):
+    """A user's state before its row is read: what the API last accepted, when it was staged."""
+
+    sent_hash: bytes | None
+    seq: int  # stage_seq
+    prior: records.Prior  # the email, pending rename and tags last accepted (G12)
 
 
 @dataclass(frozen=True)
@@ -101,10 +110,40 @@ class Queue:
             rows = await conn.fetch(self.sql["take_ready"], batch.id, limit)
         return {r["user_id"]: r["lane"] for r in rows}
 
-    async def user_state(self, user_ids: Sequence[str]) -> dict[str, tuple[bytes | None, int]]:
-        """{user id: (hash the API last accepted, stage_seq)}: read before the users' rows."""
+    async def user_state(self, user_ids: Sequence[str]) -> dict[str, Known]:
+        """What the API last accepted of these users and their stage_seq: read before their rows."""
         rows = await self.pool.fetch(self.sql["user_state"], list(user_ids))
-        return {r["user_id"]: (r["sent_hash"], r["stage_seq"]) for r in rows}
+        return {
+            r["user_id"]: Known(
+                r["sent_hash"],
+                r["stage_seq"],
+                records.Prior(
+                    r["sent_email"],
+                    r["pending_email"],
+                    json.loads(r["sent_tags"]) if r["sent_tags"] is not None else None,
+                ),
+            )
+            for r in rows
+        }
+
+    async def mark_pending(self, batch: Batch, pending: dict[str, str]) -> None:
+        """Before a request carrying renames starts: the email each renamed user's subscriber is
+        keyed by should the request land unanswered (G12; `records.subscriber` reads it back)."""
+        if not pending:
+            return
+        ids = sorted(pending)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(self.sql["lock_users"], ids)
+            await conn.execute(self.sql["mark_pending"], batch.id, ids, [pending[u] for u in ids])
+
+    async def clear_pending(self, pending: dict[str, str]) -> None:
+        """The API refused these renames (an answer: nothing of the request was applied)."""
+        if not pending:
+            return
+        ids = sorted(pending)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(self.sql["lock_users"], ids)
+            await conn.execute(self.sql["clear_pending"], ids, [pending[u] for u in ids])
 
     async def set_members(self, batch: Batch, user_ids: Sequence[str], lane: int | None = None) -> None:
         batch.user_ids = list(user_ids)
@@ -159,6 +198,7 @@ class Queue:
                 [s.seq for s in ordered],
                 [s.email for s in ordered],
                 [s.tags for s in ordered],
+                [s.again for s in ordered],
             )
 
     async def resolve_failures(self, user_ids: Sequence[str]) -> int:

@@ -203,6 +203,8 @@ class SyncUserBatch:
         batch = state.batch
         assert batch is not None
         try:
+            # before the request starts: a rename that lands unanswered is known to be possible
+            await self.queue.mark_pending(batch, {m.user_id: m.pending for m in members if m.pending})
             held = await self.queue.hold(batch)
             # the ledger holds the real start, not the grant
             confirmed = await self.quota.confirm(slot) if held else None
@@ -243,7 +245,15 @@ class SyncUserBatch:
         """The API accepted `members`: remember it, whatever it takes. Bookkeeping that fails
         after the answer is retried on its own and never sends the batch again (G4)."""
         sent = [
-            Sent(m.user_id, m.hash, m.read_at, m.seq, m.payload.get(records.EMAIL), records.tags_json(m.payload))
+            Sent(
+                m.user_id,
+                m.hash,
+                m.read_at,
+                m.seq,
+                m.email,
+                records.tags_json(m.payload),
+                m.again,
+            )
             for m in members
         ]
         delay = 0.2
@@ -301,7 +311,9 @@ class SyncUserBatch:
     async def dead_letter(
         self, batch: Batch, kind: str, members: Sequence[former.Member], outcome: api.Outcome, attempt_no: int
     ) -> None:
-        """These members to failures with the API's answer."""
+        """These members to failures with the API's answer (a refusal: the renames they started
+        did not land, G12)."""
+        await self.queue.clear_pending({m.user_id: m.pending for m in members if m.pending})
         await self._dead_letter_users(
             batch,
             kind,
@@ -384,7 +396,7 @@ class SyncUserBatch:
             seqs = {m.user_id: m.seq for m in members}
             payload: Any = {"subscribers": [m.payload for m in members]}
         else:  # preparing is what fails: the users as they are in the batch
-            seqs = {u: seq for u, (_, seq) in (await self.queue.user_state(ids)).items()}
+            seqs = {u: known.seq for u, known in (await self.queue.user_state(ids)).items()}
             seqs |= {u: 0 for u in ids if u not in seqs}
             payload = None
         if not seqs:

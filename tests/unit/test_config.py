@@ -48,6 +48,14 @@ def test_example_config_loads_with_documented_defaults() -> None:
     assert config.http.address == ("127.0.0.1", 9187)
 
 
+def test_api_rename_defaults_to_new_email_and_takes_none_only(tmp_path: Path) -> None:
+    """api.rename: "new_email" by default, "none" allowed, anything else one line (G12)."""
+    assert load_config(write(tmp_path, GOOD), environ={}).api.rename == "new_email"
+    assert load_config(write(tmp_path, GOOD + 'rename = "none"\n'), environ={}).api.rename == "none"
+    with pytest.raises(ConfigError, match=r"^api\.rename: "):
+        load_config(write(tmp_path, GOOD + 'rename = "email"\n'), environ={})
+
+
 def test_margin_defaults_to_one_percent_of_window(tmp_path: Path) -> None:
     """An unset limits.margin is 1 % of limits.window."""
     path = write(tmp_path, GOOD + "[limits]\nwindow = 2.0\n")

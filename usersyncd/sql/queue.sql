@@ -62,7 +62,22 @@ RETURNING s.user_id, s.lane, s.sent_hash;
 -- user_state --
 -- What the API last accepted for these users, and how often each was staged (read before
 -- their rows, so a staging after the read leaves them dirty).
-SELECT user_id, sent_hash, stage_seq FROM {schema}.sync_state WHERE user_id = ANY($1::text[]);
+SELECT user_id, sent_hash, stage_seq, sent_email, pending_email, sent_tags
+FROM {schema}.sync_state WHERE user_id = ANY($1::text[]);
+
+-- mark_pending --
+-- Just before a request carrying renames: the email each renamed user of batch $1 ($2 ids, $3
+-- emails) is keyed by if the request lands and its answer is lost (cleared by mark_sent).
+UPDATE {schema}.sync_state s SET pending_email = r.email
+FROM unnest($2::text[], $3::text[]) AS r(user_id, email)
+WHERE s.user_id = r.user_id AND s.batch_id = $1 AND s.pending_email IS DISTINCT FROM r.email;
+
+-- clear_pending --
+-- The API refused renames it was sent ($1 ids, $2 their NEW emails): none of them landed, so
+-- the subscriber is under sent_email for certain (a later send starts from it again).
+UPDATE {schema}.sync_state s SET pending_email = NULL
+FROM unnest($1::text[], $2::text[]) AS r(user_id, email)
+WHERE s.user_id = r.user_id AND s.pending_email = r.email;
 
 -- lock_users --
 -- Lock these users' rows in user_id order, the order every writer of sync_state uses (no deadlock).
@@ -95,20 +110,22 @@ UPDATE {schema}.sync_state SET batch_id = NULL WHERE batch_id = $1 AND user_id =
 
 -- mark_sent --
 -- The API accepted these users with these contents ($2 ids, $3 hashes, $4 updated_at read,
--- $5 stage_seq when read, $6 the email sent, $7 the tags sent as JSON or NULL): they wait
--- again only if staged again since.
+-- $5 stage_seq when read, $6 the email the API now keys each by, $7 the tags sent as JSON or
+-- NULL, $8 sent under another email than its row's): they wait again only if staged again
+-- since, or $8.
 UPDATE {schema}.sync_state s
 SET batch_id = NULL,
     sent_hash = r.hash,
     sent_email = r.email,
+    pending_email = NULL,
     sent_tags = r.tags,
     sent_updated_at = r.read_at,
     sent_at = clock_timestamp(),
     settled_at = clock_timestamp(),
     settled = 'sent',
-    dirty = s.stage_seq > r.seq
-FROM unnest($2::text[], $3::bytea[], $4::timestamptz[], $5::bigint[], $6::text[], $7::jsonb[])
-    AS r(user_id, hash, read_at, seq, email, tags)
+    dirty = s.stage_seq > r.seq OR r.again
+FROM unnest($2::text[], $3::bytea[], $4::timestamptz[], $5::bigint[], $6::text[], $7::jsonb[], $8::bool[])
+    AS r(user_id, hash, read_at, seq, email, tags, again)
 WHERE s.user_id = r.user_id AND s.batch_id = $1;
 
 -- resolve_failures --
