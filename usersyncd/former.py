@@ -4,6 +4,13 @@ A fresh batch is formed just before its slot frees (it is as full and as fresh a
 per process at a time, so live users never queue behind formed backfill batches (G11). Reading
 users (`prepare`) is also here: invalid and unreadable rows go to failures, unchanged and
 missing ones leave the batch (G4, G14), and what is left is a list of `Member`s to send.
+
+With `source.on_delete = "unsubscribe"` (G12) a batch is a subscribe batch or an unsubscribe
+batch (`Batch.action`), never both: the endpoints differ. A user whose row is gone (deleted or
+filtered out) and whom the API holds (an email it accepted, not unsubscribed since) is sent in
+an unsubscribe batch; a row found missing in a subscribe batch, or back in an unsubscribe batch,
+leaves it still dirty, marked for the other kind (`Queue.move_users`). Both kinds go through the
+same queue, ledger, retries and outcome handlers, one open batch per user (G1, G6).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from usersyncd import db, reading, records
 from usersyncd.config import Config
 from usersyncd.errors import DatabaseError, Stopping
 from usersyncd.metrics import Metrics
-from usersyncd.queue import Batch, Queue, lane_name
+from usersyncd.queue import UNKNOWN, UNSUBSCRIBE, Batch, Queue, UserState, lane_name
 from usersyncd.quota import Quota, Slot
 from usersyncd.source import Source
 
@@ -31,14 +38,15 @@ FORM_LEAD = 0.5  # seconds before its slot frees that a fresh batch is formed
 FORM_BUDGET = 3.0  # seconds, at most, spent topping up one batch that deduplication empties
 FORM_ROUND_MAX = 10_000  # users taken in one top-up round, at most
 YIELD_EVERY = 100  # users validated between yields to the event loop
+ACTIVE = {"status": "active"}  # Drip re-subscribes an unsubscribed subscriber only when told (SPEC §2)
 
 
 @dataclass(frozen=True)
 class Member:
     user_id: str
     payload: dict[str, Any]
-    hash: bytes
-    read_at: datetime  # the row's updated_at when read
+    hash: bytes  # b"" for an unsubscribe
+    read_at: datetime | None  # the row's updated_at when read (None: no row, an unsubscribe)
     seq: int  # the user's stage_seq when read: staged again since means send again
 
 
@@ -75,6 +83,7 @@ class Former:
         self.forming = forming
         self.metrics = metrics
         self.live_ready = live_ready
+        self.unsubscribe = config.source.on_delete == "unsubscribe"
         self.lead = min(FORM_LEAD, config.limits.span / 10)
         self.budget = min(FORM_BUDGET, max(self.lead, config.limits.span))
         self.log = logger
@@ -128,7 +137,7 @@ class Former:
         taken_so_far = 0
         while len(members) < size:
             ask = form_round(size - len(members), taken_so_far, len(members))
-            taken = await self.queue.take_ready(batch, ask)
+            taken = await self.queue.take_ready(batch, ask, by_action=self.unsubscribe, decide=not members)
             if not taken:
                 break
             taken_so_far += len(taken)
@@ -143,7 +152,9 @@ class Former:
         batch.lane = lane
         await self.queue.set_members(batch, [m.user_id for m in members], lane)
         if members:
-            self.log.bind(batch_id=batch.id, users=len(members), lane=lane_name(lane)).info("batch created")
+            self.log.bind(
+                batch_id=batch.id, users=len(members), lane=lane_name(lane), action=batch.action
+            ).info("batch created")
         return members
 
     async def refresh(self, batch: Batch, members: list[Member]) -> list[Member]:
@@ -162,24 +173,31 @@ class Former:
         """Read the users now; invalid and unreadable ones to failures, unchanged and missing
         ones out (settled: their failures may resolve)."""
         known = await self.queue.user_state(user_ids)  # before the rows: see Member.seq
+        if batch.action == UNSUBSCRIBE:
+            return await self._prepare_gone(batch, user_ids, known)
         async with self.pool.acquire() as conn:
             rows, unreadable = await reading.fetch(conn, self.source, user_ids)
         members: list[Member] = []
         dropped: dict[str, int] = {}
         settled: dict[str, str] = {}
+        moved: dict[str, bool] = {}
         for bad in unreadable:  # a value the driver cannot decode: only its user fails (G14)
             await self._unusable(batch, bad.user_id, bad.field, bad.reason)
-            dropped[bad.user_id] = known.get(bad.user_id, (None, 0))[1]
+            dropped[bad.user_id] = known.get(bad.user_id, UNKNOWN).seq
         for n, user_id in enumerate(user_ids):
             if n % YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # validation is CPU work: let a request in flight go out
             if user_id in dropped:
                 continue
-            sent_hash, seq = known.get(user_id, (None, 0))
+            state = known.get(user_id, UNKNOWN)
+            seq = state.seq
             row = rows.get(user_id)
             if row is None:  # deleted, or no longer passes the filter
-                dropped[user_id] = seq
-                settled[user_id] = "gone"
+                if self._held(state):  # the API holds it: an unsubscribe batch's (G12)
+                    moved[user_id] = True
+                else:
+                    dropped[user_id] = seq
+                    settled[user_id] = "gone"
                 continue
             try:
                 result = records.validate(user_id, row.values, self.config.source.fields)
@@ -200,17 +218,59 @@ class Former:
                 dropped[user_id] = seq
                 continue
             assert digest is not None
-            if sent_hash == digest:  # the API has exactly this already (G4)
+            if state.sent_hash == digest:  # the API has exactly this already (G4)
                 dropped[user_id] = seq
                 settled[user_id] = "unchanged"
                 continue
+            if state.unsubscribed_at is not None:  # back after its unsubscribe (G12)
+                result = {**result, **ACTIVE}  # the hash stays the data's: sent_hash was forgotten
             members.append(Member(user_id, result, digest, row.updated_at, seq))
+        await self._leave(batch, dropped, settled, moved)
+        return members
+
+    async def _prepare_gone(
+        self, batch: Batch, user_ids: Sequence[str], known: dict[str, UserState]
+    ) -> list[Member]:
+        """An unsubscribe batch's users: those whose row is still gone and whom the API holds go
+        as `{"email": sent_email}`; a row back (or never gone) leaves for a subscribe batch."""
+        async with self.pool.acquire() as conn:
+            present = await self.source.versions(conn, user_ids)
+        members: list[Member] = []
+        dropped: dict[str, int] = {}
+        settled: dict[str, str] = {}
+        moved: dict[str, bool] = {}
+        for user_id in user_ids:
+            state = known.get(user_id, UNKNOWN)
+            if user_id in present:
+                moved[user_id] = False
+            elif self._held(state):
+                members.append(Member(user_id, {records.EMAIL: state.sent_email}, b"", None, state.seq))
+            else:  # never accepted, or unsubscribed already: the API needs nothing
+                dropped[user_id] = state.seq
+                settled[user_id] = "gone"
+        await self._leave(batch, dropped, settled, moved)
+        return members
+
+    def _held(self, state: UserState) -> bool:
+        """Is the user subscribed at the API, to be unsubscribed now that its row is gone?"""
+        return self.unsubscribe and state.sent_email is not None and state.unsubscribed_at is None
+
+    async def _leave(
+        self, batch: Batch, dropped: dict[str, int], settled: dict[str, str], moved: dict[str, bool]
+    ) -> None:
+        """Users out of the batch: dropped (settled or dead-lettered) or moved to the other action."""
         await self.queue.drop_users(batch, dropped, settled=settled)
-        if dropped:  # they are no longer the batch's
-            batch.user_ids = [u for u in batch.user_ids if u not in dropped]
+        await self.queue.move_users(batch, moved)
+        if dropped or moved:  # they are no longer the batch's
+            batch.user_ids = [u for u in batch.user_ids if u not in dropped and u not in moved]
+        if moved:
+            self.log.bind(
+                batch_id=batch.id,
+                to_unsubscribe=sum(moved.values()),
+                to_subscribe=sum(not g for g in moved.values()),
+            ).info("users whose row left or came back wait for a batch of the other kind")
         if settled:
             await self.resolve(list(settled))
-        return members
 
     async def resolve(self, user_ids: Sequence[str]) -> None:
         """Resolve these users' failures that are settled now. Bookkeeping: it never fails the
