@@ -190,8 +190,9 @@ class Source:
                 SET gone = true,
                     dirty = $3::boolean,
                     stage_seq = s.stage_seq + 1,
-                    lane = 1,  -- paced: a deletion found late waits behind live changes (G11)
-                    dirty_since = clock_timestamp()
+                    -- paced: a deletion found late waits behind live changes (G11)
+                    lane = CASE WHEN $3::boolean THEN 1 ELSE s.lane END,
+                    dirty_since = CASE WHEN $3::boolean THEN clock_timestamp() ELSE s.dirty_since END
                 FROM locked
                 -- rechecked on the locked row: staged or taken into a batch since, it is read anyway
                 WHERE s.user_id = locked.user_id AND NOT s.dirty AND s.batch_id IS NULL

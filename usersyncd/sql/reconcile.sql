@@ -14,12 +14,12 @@ FOR UPDATE SKIP LOCKED;
 -- after $4, or, $4 NULL, ends (its figures become the last pass's).
 UPDATE {schema}.reconcile
 SET after_id = $4,
-    pass_started_at = CASE WHEN $4::text IS NULL THEN NULL ELSE $1 END,
+    pass_started_at = CASE WHEN $4::text IS NULL THEN NULL ELSE $1::timestamptz END,
     pass_checked = CASE WHEN $4::text IS NULL THEN 0 ELSE pass_checked + $2 END,
     pass_found = CASE WHEN $4::text IS NULL THEN 0 ELSE pass_found + $3 END,
     last_pass_at = CASE WHEN $4::text IS NULL THEN clock_timestamp() ELSE last_pass_at END,
     last_pass_seconds = CASE WHEN $4::text IS NULL
-                             THEN extract(epoch FROM clock_timestamp() - $1)::float8 ELSE last_pass_seconds END,
+                             THEN extract(epoch FROM clock_timestamp() - $1::timestamptz)::float8 ELSE last_pass_seconds END,
     last_pass_checked = CASE WHEN $4::text IS NULL THEN pass_checked + $2 ELSE last_pass_checked END,
     last_pass_found = CASE WHEN $4::text IS NULL THEN pass_found + $3 ELSE last_pass_found END
 RETURNING pass_checked, pass_found, last_pass_seconds, last_pass_checked, last_pass_found;
