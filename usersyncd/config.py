@@ -118,7 +118,9 @@ class SourceConfig(_Section):
     poll_interval: Seconds = 5.0
     lookback: SecondsOrZero = 60.0
     start_from: str = "beginning"
-    on_delete: Literal["ignore", "unsubscribe"] = "ignore"  # a user whose row is deleted or filtered out (G12)
+    on_delete: Literal["ignore", "unsubscribe"] = (
+        "ignore"  # a user whose row is deleted or filtered out (G12)
+    )
     reconcile_every: SecondsOrZero = 3600.0  # seconds between passes that find deleted rows; 0: off
 
     @field_validator("fields")
@@ -182,7 +184,9 @@ class ApiConfig(_Section):
     account_id: str = ""  # replaces {account_id} in the paths (Drip: the account number)
     batch_path: str = "/subscribers/batches"
     probe_path: str = ""  # a GET outside the batch quota: `check --api` (Drip: /v2/accounts/{account_id})
-    unsubscribe_path: str = ""  # source.on_delete = "unsubscribe" (Drip: /v2/{account_id}/unsubscribes/batches)
+    unsubscribe_path: str = (
+        ""  # source.on_delete = "unsubscribe" (Drip: /v2/{account_id}/unsubscribes/batches)
+    )
     user_agent: str = ""  # default "usersyncd/VERSION"
     auth: str = "bearer"
     timeout: Seconds = 30.0

@@ -100,7 +100,9 @@ async def test_reconcile_pass_walks_in_bounded_chunks_and_finds_rows_gone_or_fil
         assert found == {"3", "5", "11", "17"}
         for user in found:
             state = (await states(conn))[user]
-            assert (state["dirty"], state["lane"]) == ((True, 1) if on_delete == "unsubscribe" else (False, 0))
+            assert (state["dirty"], state["lane"]) == (
+                (True, 1) if on_delete == "unsubscribe" else (False, 0)
+            )
         row = await conn.fetchrow(f"SELECT * FROM {S}.reconcile")
         assert (row["last_pass_checked"], row["last_pass_found"], row["pass_started_at"]) == (USERS, 4, None)
         assert await rec.run_pass() == 0  # found once: nothing new the second time
@@ -138,7 +140,9 @@ async def test_gone_users_go_in_unsubscribe_batches_and_come_back_active(
     """Ready users, some gone: a request carries only subscribes or only unsubscribes (to their
     own paths), the gone ones are unsubscribed under the email the API holds; a row that comes
     back is subscribed again with "status": "active"; every request went through the ledger."""
-    fake = FakeApi(api_key="k", auth="basic", flavour="drip", account_id=ACCOUNT, limit_requests=50, window=10.0)
+    fake = FakeApi(
+        api_key="k", auth="basic", flavour="drip", account_id=ACCOUNT, limit_requests=50, window=10.0
+    )
     await fake.start()
     config = make_config(database_url, fake.url, on_delete="unsubscribe")
     src = await source.inspect(conn, config.source)
@@ -177,7 +181,9 @@ async def test_gone_users_go_in_unsubscribe_batches_and_come_back_active(
             f"SELECT gone, unsubscribed_at IS NOT NULL AS unsubscribed, sent_hash, dirty FROM {S}.sync_state"
             " WHERE user_id IN ('4', '9', '13')"
         )
-        assert all(r["gone"] and r["unsubscribed"] and r["sent_hash"] is None and not r["dirty"] for r in rows)
+        assert all(
+            r["gone"] and r["unsubscribed"] and r["sent_hash"] is None and not r["dirty"] for r in rows
+        )
 
         before = len(fake.requests)
         await conn.execute(
