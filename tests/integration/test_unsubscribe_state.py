@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from usersyncd import api, db, poller, reconcile, source
+from usersyncd import api, db, poller, reconcile, source, status
 from usersyncd.config import Config
 from usersyncd.fakeapi import FakeApi
 from usersyncd.queue import Queue
@@ -201,3 +201,23 @@ async def test_gone_users_go_in_unsubscribe_batches_and_come_back_active(
         stop.set()
         await client.aclose()
         await fake.stop()
+
+
+async def test_status_counts_gone_users_with_on_delete_ignore(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, database_url: str
+) -> None:
+    """With "ignore" nothing waits to be sent for a deleted user, and `status` counts it, with
+    the last pass; an unsubscribed user is not counted (the API no longer holds it)."""
+    await conn.execute("DELETE FROM users WHERE id IN (2, 4, 6)")
+    await conn.execute(f"UPDATE {S}.sync_state SET unsubscribed_at = now() WHERE user_id = '6'")
+    config = make_config(database_url, on_delete="ignore")
+    rec = await reconciler(conn, config, chunk=10)
+    try:
+        assert await rec.run_pass() == 2
+    finally:
+        await rec.pool.close()
+    snapshot = await status.collect(pool, config)
+    assert (snapshot.gone, snapshot.live_ready + snapshot.backfill_ready) == (2, 0)
+    line = next(x for x in status.render_text(snapshot).splitlines() if x.startswith("gone:"))
+    assert "2 left subscribed at the API (on_delete = ignore)" in line
+    assert f"{USERS} users checked" in line and "2 found" in line

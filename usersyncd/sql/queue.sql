@@ -139,6 +139,7 @@ WHERE s.user_id = r.user_id AND s.batch_id = $1;
 UPDATE {schema}.sync_state s
 SET batch_id = NULL,
     sent_hash = NULL,
+    sent_at = clock_timestamp(),
     unsubscribed_at = clock_timestamp(),
     settled_at = clock_timestamp(),
     settled = 'gone',
