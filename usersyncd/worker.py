@@ -15,7 +15,8 @@ its attempts and, once they run out, dead-letters the batch's users (kind `error
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import functools
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -244,21 +245,24 @@ class SyncUserBatch:
     async def record_sent(self, batch: Batch, members: Sequence[former.Member]) -> None:
         """The API accepted `members`: remember it, whatever it takes. Bookkeeping that fails
         after the answer is retried on its own and never sends the batch again (G4)."""
-        sent = [
-            Sent(m.user_id, m.hash, m.read_at, m.seq, m.payload.get(records.EMAIL), records.tags_json(m.payload))
-            for m in members
-            if m.read_at is not None  # every subscribe has one; an unsubscribe none
-        ]
-        seqs = {m.user_id: m.seq for m in members}
-
-        async def mark() -> None:
-            if batch.action == UNSUBSCRIBE:
-                await self.queue.mark_unsubscribed(batch, seqs)
-            else:
-                await self.queue.mark_sent(batch, sent)
-
+        mark: Callable[[], Awaitable[None]]
         if batch.action == UNSUBSCRIBE:
+            mark = functools.partial(self.queue.mark_unsubscribed, batch, {m.user_id: m.seq for m in members})
             self.metrics.unsubscribed.inc(len(members))
+        else:
+            sent = [
+                Sent(
+                    m.user_id,
+                    m.hash,
+                    m.read_at,
+                    m.seq,
+                    m.payload.get(records.EMAIL),
+                    records.tags_json(m.payload),
+                )
+                for m in members
+                if m.read_at is not None  # every subscribe has one (only an unsubscribe has none)
+            ]
+            mark = functools.partial(self.queue.mark_sent, batch, sent)
         delay = 0.2
         while True:
             try:
