@@ -9,6 +9,10 @@ ALTER TABLE {schema}.sync_state ADD COLUMN unsubscribed_at timestamptz;
 -- the gone users the API still holds, for status (few; a partial index keeps the count cheap)
 CREATE INDEX sync_state_gone_held ON {schema}.sync_state (user_id)
     WHERE gone AND sent_email IS NOT NULL AND unsubscribed_at IS NULL;
+-- the ready gone users in the order batches take them: an unsubscribe batch forms from a few
+-- among a backlog of millions without a scan
+CREATE INDEX sync_state_gone_ready ON {schema}.sync_state (lane, dirty_since, user_id)
+    WHERE dirty AND batch_id IS NULL AND gone;
 -- A batch is either a subscribe batch (api.batch_path) or an unsubscribe batch (api.unsubscribe_path).
 ALTER TABLE {schema}.batches ADD COLUMN action text NOT NULL DEFAULT 'subscribe'
     CHECK (action IN ('subscribe', 'unsubscribe'));
