@@ -176,7 +176,7 @@ def _gone(status: Status) -> str:
     }[status.on_delete]
     line = f"{status.gone} {what}"
     passes = status.reconcile or {}
-    if passes.get("last_pass_at") is not None:
+    if passes.get("last_pass_seconds") is not None:  # a pass has run
         line += (
             f"; last reconcile pass {passes['last_pass_at'].isoformat(timespec='seconds')}:"
             f" {passes['last_pass_checked']} users checked in {passes['last_pass_seconds']:.1f} s,"

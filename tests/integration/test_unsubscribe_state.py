@@ -87,6 +87,8 @@ async def test_reconcile_pass_walks_in_bounded_chunks_and_finds_rows_gone_or_fil
     config = make_config(database_url, on_delete=on_delete, reconcile_every=3600.0)
     rec = await reconciler(conn, config, chunk=4)
     try:
+        assert await rec.step() is None  # the first pass is due reconcile_every after the migration
+        await rec.pool.execute(rec.sql["due_now"])
         chunks = []
         while (chunk := await rec.step()) is not None:
             chunks.append(chunk)

@@ -18,7 +18,8 @@ ALTER TABLE {schema}.batches ADD COLUMN action text NOT NULL DEFAULT 'subscribe'
     CHECK (action IN ('subscribe', 'unsubscribe'));
 -- The reconciliation pass (source.reconcile_every): one row, shared by replicas (a chunk is done
 -- by whoever holds the row's lock). after_id: the pass under way has checked sync_state up to
--- this user (NULL: the next chunk starts from the first); last_*: the last whole pass.
+-- this user (NULL: the next chunk starts from the first); last_*: the last whole pass (the first
+-- pass is due reconcile_every after this migration).
 CREATE TABLE {schema}.reconcile (
     one             boolean PRIMARY KEY DEFAULT true CHECK (one),
     after_id        text,
@@ -30,4 +31,4 @@ CREATE TABLE {schema}.reconcile (
     last_pass_checked bigint,
     last_pass_found bigint
 );
-INSERT INTO {schema}.reconcile DEFAULT VALUES;
+INSERT INTO {schema}.reconcile (last_pass_at) VALUES (clock_timestamp());  -- the first pass: reconcile_every from now
