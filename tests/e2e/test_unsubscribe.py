@@ -5,13 +5,14 @@ nobody else; a row that comes back is subscribed again with "status": "active"."
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from helpers import fast
+from helpers import fast, usersyncd
 
 from usersyncd.fakeapi import FakeApiProcess
 
@@ -87,3 +88,9 @@ async def test_deleted_and_filtered_out_users_are_unsubscribed_and_come_back_act
     assert await conn.fetchval("SELECT count(*) FROM usersync.failures") == 0
     ledger = await conn.fetchval("SELECT count(*) FROM usersync.requests WHERE kind <> 'external'")
     assert ledger == len(fake_api.requests)  # every request, unsubscribes included, in the ledger
+    # what an operator sees: history tells the unsubscribe requests, status has nobody left to do
+    history = await usersyncd("history", "--config", str(config), "--json")
+    actions = [r["action"] for r in json.loads(history.stdout)]
+    assert actions.count("unsubscribe") == sum(r.path == UNSUBS for r in fake_api.requests)
+    shown = await usersyncd("status", "--config", str(config))
+    assert "gone:           0 to unsubscribe (on_delete = unsubscribe); last reconcile pass" in shown.stdout
