@@ -24,6 +24,15 @@ TIMESTAMP_TYPES = ("timestamp with time zone", "timestamp without time zone")
 NULL_VERSION = datetime(1, 1, 1)
 
 
+# Which rows p (user_id, updated_at, passes) of a scan are staged, against their sync_state row s:
+# a version not seen yet, or a row that passes again; a known user's row that fails the filter
+# (never an unknown one's: nothing to send for it), unless seen so already.
+STAGED = """CASE WHEN p.passes
+                THEN s.user_id IS NULL OR s.seen_updated_at IS DISTINCT FROM p.updated_at OR s.gone
+                ELSE s.user_id IS NOT NULL
+                     AND (s.seen_updated_at IS DISTINCT FROM p.updated_at OR NOT s.gone) END"""
+
+
 @dataclass(frozen=True)
 class Source:
     """The users table as found in the catalog, with the SQL to read it."""
@@ -100,14 +109,9 @@ class Source:
             ), numbered AS (
                 SELECT user_id, updated_at, row_number() OVER () AS n FROM page
             ), fresh AS (
-                -- a version not seen yet, or a row that passes again; a known user's row that
-                -- fails the filter (never an unknown one's: nothing to send for it)
                 SELECT p.user_id, p.updated_at, NOT p.passes AS gone
                 FROM page AS p LEFT JOIN {state}.sync_state AS s ON s.user_id = p.user_id
-                WHERE CASE WHEN p.passes
-                           THEN s.user_id IS NULL OR s.seen_updated_at IS DISTINCT FROM p.updated_at OR s.gone
-                           ELSE s.user_id IS NOT NULL
-                                AND (s.seen_updated_at IS DISTINCT FROM p.updated_at OR NOT s.gone) END
+                WHERE {STAGED}
             ), staged AS (
                 INSERT INTO {state}.sync_state AS s (user_id, seen_updated_at, dirty, lane, stage_seq, gone)
                 SELECT user_id, updated_at, true, {lane}, 1, gone FROM fresh
@@ -138,22 +142,22 @@ class Source:
         """
 
     def fresh_count_sql(self, state_schema: str) -> str:
-        """How many versions not staged yet the live scan will find from $1, counted up to $2
-        (to tell a wave from single changes before staging any)."""
+        """How many rows the live scan will stage from $1, counted up to $2 (to tell a wave from
+        single changes before staging any): rows updated out of the filter count too, so a bulk
+        soft-delete is a wave as a bulk update is (G11)."""
         upd = db.quote_ident(self.config.updated_at_column)
         uid = db.quote_ident(self.config.id_column)
         state = db.quote_ident(state_schema)
         return f"""
             SELECT count(*) FROM (
                 SELECT 1 FROM (
-                    SELECT {uid}::text AS user_id, {upd}::timestamptz AS updated_at
+                    SELECT {uid}::text AS user_id, {upd}::timestamptz AS updated_at,
+                           {self.where_filter} IS TRUE AS passes
                     FROM {self.table}
-                    WHERE {upd} >= $1::timestamptz AND {self.where_filter}
+                    WHERE {upd} >= $1::timestamptz
                 ) AS p
-                WHERE NOT EXISTS (
-                    SELECT 1 FROM {state}.sync_state AS s
-                    WHERE s.user_id = p.user_id AND s.seen_updated_at = p.updated_at
-                )
+                LEFT JOIN {state}.sync_state AS s ON s.user_id = p.user_id
+                WHERE {STAGED}
                 LIMIT $2
             ) AS fresh
         """

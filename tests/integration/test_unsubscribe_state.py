@@ -223,3 +223,20 @@ async def test_status_counts_gone_users_with_on_delete_ignore(
     line = next(x for x in status.render_text(snapshot).splitlines() if x.startswith("gone:"))
     assert "2 left subscribed at the API (on_delete = ignore)" in line
     assert f"{USERS} users checked" in line and "2 found" in line
+
+
+async def test_a_bulk_update_out_of_the_filter_is_a_wave(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, database_url: str
+) -> None:
+    """More rows updated out of the filter in one poll than the live lane takes in (a batch per
+    slot) go to the paced lane, like any wave: a single change after them still goes first (G11)."""
+    config = make_config(database_url, on_delete="unsubscribe", lookback=0.0)
+    config = config.model_copy(update={"limits": config.limits.model_copy(update={"batch_size": 10})})
+    src = await source.inspect(conn, config.source)
+    service = poller.UserSyncService(config, pool, src, work_ready=asyncio.Event())
+    await service.init_cursors()
+    await conn.execute("UPDATE users SET active = false, updated_at = clock_timestamp() WHERE id <= 20")
+    result = await service.poll_once()
+    assert (result.staged, result.wave, result.live_staged) == (20, 20, 0)
+    lanes = await conn.fetch(f"SELECT DISTINCT lane FROM {S}.sync_state WHERE gone")
+    assert [r["lane"] for r in lanes] == [poller.PACED]
