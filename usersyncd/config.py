@@ -118,6 +118,10 @@ class SourceConfig(_Section):
     poll_interval: Seconds = 5.0
     lookback: SecondsOrZero = 60.0
     start_from: str = "beginning"
+    on_delete: Literal["ignore", "unsubscribe"] = (
+        "ignore"  # a user whose row is deleted or filtered out (G12)
+    )
+    reconcile_every: SecondsOrZero = 3600.0  # seconds between passes that find deleted rows; 0: off
 
     @field_validator("fields")
     @classmethod
@@ -180,6 +184,9 @@ class ApiConfig(_Section):
     account_id: str = ""  # replaces {account_id} in the paths (Drip: the account number)
     batch_path: str = "/subscribers/batches"
     probe_path: str = ""  # a GET outside the batch quota: `check --api` (Drip: /v2/accounts/{account_id})
+    unsubscribe_path: str = (
+        ""  # source.on_delete = "unsubscribe" (Drip: /v2/{account_id}/unsubscribes/batches)
+    )
     user_agent: str = ""  # default "usersyncd/VERSION"
     # how an email changed in the table reaches the API (G12): "new_email" renames the subscriber
     # the API holds under the old one; "none" sends the new email as it is (a new subscriber)
@@ -214,7 +221,7 @@ class ApiConfig(_Section):
     def host(self) -> str:
         return urllib.parse.urlsplit(self.url).hostname or ""
 
-    @field_validator("batch_path", "probe_path")
+    @field_validator("batch_path", "probe_path", "unsubscribe_path")
     @classmethod
     def _path(cls, path: str, info: ValidationInfo) -> str:
         if info.field_name == "batch_path" and not path.startswith("/"):
@@ -371,6 +378,15 @@ class Config(_Section):
     log: LogConfig = LogConfig()
     http: HttpConfig = HttpConfig()
 
+    @model_validator(mode="after")
+    def _unsubscribe_path(self) -> Config:
+        if self.source.on_delete == "unsubscribe" and not self.api.unsubscribe_path:
+            raise ValueError(
+                'api.unsubscribe_path: required by source.on_delete = "unsubscribe"'
+                ' (Drip: "/v2/{account_id}/unsubscribes/batches")'
+            )
+        return self
+
     @property
     def secrets(self) -> list[str]:
         """Values that must never appear in output (G9): the key, every database password."""
@@ -487,11 +503,13 @@ def _first_problem(exc: ValidationError) -> str:
     """One line: the dotted key and what is wrong with it (never the value of a secret)."""
     error = exc.errors()[0]
     key = ".".join(str(part) for part in error["loc"]) or "config"
+    message = error["msg"].removeprefix("Value error, ")
+    if not error["loc"] and re.match(r"[a-z_]+\.[a-z_]+: ", message):  # a check across sections names its key
+        key, message = message.split(": ", 1)
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"
     if error["type"] == "missing":
         return f"{key}: required key is missing"
-    message = error["msg"].removeprefix("Value error, ")
     count = exc.error_count()
     more = f" (and {count - 1} more problem{'s' if count > 2 else ''})" if count > 1 else ""
     return f"{key}: {message}{more}"

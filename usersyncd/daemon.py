@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import asyncpg
 from loguru import logger
 
-from usersyncd import __version__, api, db, pipeline, redrive, source, status, systemd
+from usersyncd import __version__, api, db, pipeline, reconcile, redrive, source, status, systemd
 from usersyncd.config import Config
 from usersyncd.errors import DatabaseError, UserSyncError
 from usersyncd.metrics import READY_TIMEOUT, Metrics, SnapshotCache
@@ -149,6 +149,9 @@ class Daemon:
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(
                 redrive.run(self.pool, cfg.database.state_schema, cfg.retry, self.stop), name="redrive"
+            ),
+            asyncio.create_task(
+                reconcile.run(reconcile.Reconciler(cfg, self.pool, self.source), self.stop), name="reconcile"
             ),
         }
         workers = {

@@ -19,6 +19,7 @@ from usersyncd import db, records
 # sync_state.lane, taken in this order: live changes; paced ones (the backfill and waves, one
 # slot apart); redrives (G13). 2 is not used (waves share the paced lane).
 LANES = {0: "live", 1: "paced", 3: "redrive"}
+SUBSCRIBE, UNSUBSCRIBE = "subscribe", "unsubscribe"  # batches.action: which endpoint (G12)
 
 
 def lane_name(lane: int) -> str:
@@ -35,6 +36,7 @@ class Batch:
     last_status: int | None = None  # of the last attempt that failed (persisted)
     last_error: str | None = None
     last_kind: str | None = None  # 'exhausted' (the API's answers) or 'error' (preparing it)
+    action: str = SUBSCRIBE  # or UNSUBSCRIBE: users whose row is gone (G12)
 
 
 class Sent(NamedTuple):
@@ -55,6 +57,7 @@ class Known(NamedTuple):
     sent_hash: bytes | None
     seq: int  # stage_seq
     prior: records.Prior  # the email, pending rename and tags last accepted (G12)
+    unsubscribed_at: datetime | None = None  # the API accepted its unsubscribe (G12)
 
 
 @dataclass(frozen=True)
@@ -96,18 +99,26 @@ class Queue:
             last_status=row["last_status"],
             last_error=row["last_error"],
             last_kind=row["last_kind"],
+            action=row["action"],
         )
 
     async def new_batch(self) -> Batch:
         batch_id = await self.pool.fetchval(self.sql["new_batch"], self.name, self.worker, self.lease)
         return Batch(batch_id, [])
 
-    async def take_ready(self, batch: Batch, limit: int) -> dict[str, int]:
-        """Move up to `limit` ready users into the batch (live lane first): {user id: lane}."""
+    async def take_ready(
+        self, batch: Batch, limit: int, *, by_action: bool = False, decide: bool = False
+    ) -> dict[str, int]:
+        """Move up to `limit` ready users into the batch (live lane first): {user id: lane}.
+        `by_action` (on_delete = "unsubscribe"): only users of the batch's action, which the
+        first ready user decides when `decide` (a gone user: an unsubscribe batch)."""
+        gone = None if decide else batch.action == UNSUBSCRIBE
         async with self.pool.acquire() as conn, conn.transaction():
             # one worker forms at a time, so two never split the tail of a backlog (G2)
             await conn.execute(self.sql["form_lock"], self.name)
-            rows = await conn.fetch(self.sql["take_ready"], batch.id, limit)
+            rows = await conn.fetch(self.sql["take_ready"], batch.id, limit, gone, by_action)
+        if by_action and rows and decide:
+            batch.action = UNSUBSCRIBE if rows[0]["gone"] else SUBSCRIBE
         return {r["user_id"]: r["lane"] for r in rows}
 
     async def user_state(self, user_ids: Sequence[str]) -> dict[str, Known]:
@@ -122,6 +133,7 @@ class Queue:
                     r["pending_email"],
                     json.loads(r["sent_tags"]) if r["sent_tags"] is not None else None,
                 ),
+                r["unsubscribed_at"],
             )
             for r in rows
         }
@@ -147,7 +159,7 @@ class Queue:
 
     async def set_members(self, batch: Batch, user_ids: Sequence[str], lane: int | None = None) -> None:
         batch.user_ids = list(user_ids)
-        await self.pool.execute(self.sql["set_members"], batch.id, batch.user_ids, lane)
+        await self.pool.execute(self.sql["set_members"], batch.id, batch.user_ids, lane, batch.action)
 
     async def drop_users(
         self, batch: Batch, seqs: dict[str, int], *, settled: dict[str, str] | None = None
@@ -165,6 +177,27 @@ class Queue:
             await conn.execute(
                 self.sql["drop_users"], batch.id, ids, [seqs[u] for u in ids], [settled.get(u) for u in ids]
             )
+
+    async def move_users(self, batch: Batch, gone: dict[str, bool]) -> None:
+        """Users leave the batch, still dirty, for a batch of the other action: `gone` True
+        (their row is deleted or filtered out: to be unsubscribed) or False (back: subscribed)."""
+        for flag in (True, False):
+            ids = sorted(u for u, g in gone.items() if g is flag)
+            if not ids:
+                continue
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(self.sql["lock_users"], ids)
+                await conn.execute(self.sql["move_users"], batch.id, ids, flag)
+
+    async def mark_unsubscribed(self, batch: Batch, seqs: dict[str, int]) -> None:
+        """The API accepted these users' unsubscribe ({user id: stage_seq when read}).
+        Idempotent, like `mark_sent`."""
+        if not seqs:
+            return
+        ids = sorted(seqs)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(self.sql["lock_users"], ids)
+            await conn.execute(self.sql["mark_unsubscribed"], batch.id, ids, [seqs[u] for u in ids])
 
     async def members_of(self, batch: Batch) -> list[str]:
         """The users sync_state puts in the batch (also those taken but not yet recorded)."""

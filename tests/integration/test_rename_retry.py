@@ -48,11 +48,12 @@ async def bed(database_url: str, seed: Any) -> AsyncIterator[Bed]:
                 "auth": "basic",
                 "account_id": ACCOUNT,
                 "batch_path": "/v2/{account_id}/subscribers/batches",
+                "unsubscribe_path": "/v2/{account_id}/unsubscribes/batches",
                 "timeout": TIMEOUT,
             },
             "limits": {"requests": 50, "window": 2.0, "margin": 0.1},
             "retry": {"attempts": 3, "backoff": BACKOFF},
-            "source": {"fields": {"email": "email", "first_name": "name"}},
+            "source": {"fields": {"email": "email", "first_name": "name"}, "on_delete": "unsubscribe"},
         }
     )
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=6)
@@ -183,3 +184,23 @@ async def test_a_refused_swap_overwrites_nobody_and_leaves_no_pending_rename(bed
         "SELECT resolution FROM usersync.failures WHERE user_ids = '{1}' AND resolved_at IS NOT NULL"
     )
     assert resolved == "unchanged"
+
+
+async def test_a_user_deleted_after_an_unanswered_rename_is_unsubscribed_under_both_emails(bed: Bed) -> None:
+    """The API holds user1@ or new1@ (the rename's answer was lost) when the row is deleted:
+    the unsubscribe names both, so whichever it holds leaves (G12)."""
+
+    async def delete() -> None:
+        await bed.pool.execute("DELETE FROM users WHERE id = 1")
+        await stage(bed.pool, ["1"])
+
+    await change_email(bed.pool, "1", "new1@example.com")
+    await send_with_lost_answer(bed, delete)  # the retry finds the row gone: an unsubscribe's
+    assert (await state_of(bed.pool, "1"))[1] == "new1@example.com"  # still unknown which one
+    await asyncio.wait_for(bed.job().run(None), timeout=10)
+    last = bed.fake.requests[-1]
+    assert last.path.endswith("/unsubscribes/batches")
+    assert sorted(s["email"] for s in last.subscribers) == ["new1@example.com", "user1@example.com"]
+    assert bed.fake.state["new1@example.com"]["status"] == "unsubscribed"
+    assert "user1@example.com" not in bed.fake.state  # renamed by the lost request: one subscriber
+    assert await bed.pool.fetchval("SELECT count(*) FROM usersync.failures") == 0

@@ -34,7 +34,7 @@ WHERE b.id = (
     LIMIT 1
     FOR UPDATE SKIP LOCKED
 )
-RETURNING b.id, b.lane, b.user_ids, b.attempts, b.last_status, b.last_error, b.last_kind;
+RETURNING b.id, b.lane, b.action, b.user_ids, b.attempts, b.last_status, b.last_error, b.last_kind;
 
 -- new_batch --
 -- An empty batch, claimed by its creator, that users are then added to.
@@ -47,22 +47,28 @@ RETURNING id;
 SELECT pg_advisory_xact_lock(hashtext('usersyncd.form:' || $1));
 
 -- take_ready --
--- Move up to $2 ready users into batch $1: live lane first, then the oldest waiting.
+-- Move up to $2 ready users into batch $1: live lane first, then the oldest waiting. With $4
+-- (on_delete = "unsubscribe") a batch is all subscribes or all unsubscribes: only users whose
+-- `gone` is $3, or, for $3 NULL (the batch's first round), the first ready user's.
 WITH picked AS (
     SELECT user_id FROM {schema}.sync_state
     WHERE dirty AND batch_id IS NULL
+      AND (NOT $4::boolean OR gone = coalesce($3::boolean, (
+          SELECT gone FROM {schema}.sync_state WHERE dirty AND batch_id IS NULL
+          ORDER BY lane, dirty_since, user_id LIMIT 1)))
     ORDER BY lane, dirty_since, user_id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
 UPDATE {schema}.sync_state s SET batch_id = $1
 FROM picked WHERE s.user_id = picked.user_id
-RETURNING s.user_id, s.lane, s.sent_hash;
+RETURNING s.user_id, s.lane, s.sent_hash, s.gone;
 
 -- user_state --
 -- What the API last accepted for these users, and how often each was staged (read before
--- their rows, so a staging after the read leaves them dirty).
-SELECT user_id, sent_hash, stage_seq, sent_email, pending_email, sent_tags
+-- their rows, so a staging after the read leaves them dirty); whether it holds them
+-- unsubscribed (G12).
+SELECT user_id, sent_hash, stage_seq, sent_email, pending_email, sent_tags, unsubscribed_at
 FROM {schema}.sync_state WHERE user_id = ANY($1::text[]);
 
 -- mark_pending --
@@ -84,21 +90,32 @@ WHERE s.user_id = r.user_id AND s.pending_email = r.email;
 SELECT 1 FROM {schema}.sync_state WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE;
 
 -- set_members --
--- The users the batch will carry (after dropping the unchanged, invalid and missing).
-UPDATE {schema}.batches SET user_ids = $2::text[], lane = coalesce($3, lane) WHERE id = $1;
+-- The users the batch will carry (after dropping the unchanged, invalid and missing), and
+-- whether it subscribes or unsubscribes them ($4).
+UPDATE {schema}.batches SET user_ids = $2::text[], lane = coalesce($3, lane), action = $4 WHERE id = $1;
 
 -- drop_users --
 -- Users leaving a batch unsent (unchanged, invalid, missing): they wait again only if they
 -- were staged again since they were read ($2: user ids, $3: stage_seq when read). $4: 'unchanged'
 -- or 'gone' when the API needs nothing for the user (settled, if not staged since), else NULL.
+-- A user found 'gone' is marked so (status counts those the API still holds).
 UPDATE {schema}.sync_state s
 SET batch_id = NULL,
     dirty = s.stage_seq > r.seq,
+    gone = CASE WHEN r.settled = 'gone' AND s.stage_seq = r.seq THEN true ELSE s.gone END,
     settled_at = CASE WHEN r.settled IS NOT NULL AND s.stage_seq = r.seq
                       THEN clock_timestamp() ELSE s.settled_at END,
     settled = CASE WHEN r.settled IS NOT NULL AND s.stage_seq = r.seq THEN r.settled ELSE s.settled END
 FROM unnest($2::text[], $3::bigint[], $4::text[]) AS r(user_id, seq, settled)
 WHERE s.user_id = r.user_id AND s.batch_id = $1;
+
+-- move_users --
+-- Users leaving a batch for one of the other action, still dirty: a row found deleted or
+-- filtered out in a subscribe batch ($3 true: to be unsubscribed), or found back in an
+-- unsubscribe batch ($3 false: to be subscribed again).
+UPDATE {schema}.sync_state s
+SET batch_id = NULL, dirty = true, gone = $3
+WHERE s.user_id = ANY($2::text[]) AND s.batch_id = $1;
 
 -- members_of --
 -- The users sync_state puts in batch $1 (those taken, even if the batch row was not told yet).
@@ -123,9 +140,27 @@ SET batch_id = NULL,
     sent_at = clock_timestamp(),
     settled_at = clock_timestamp(),
     settled = 'sent',
+    unsubscribed_at = NULL,
+    gone = CASE WHEN s.stage_seq > r.seq THEN s.gone ELSE false END,
     dirty = s.stage_seq > r.seq OR r.again
 FROM unnest($2::text[], $3::bytea[], $4::timestamptz[], $5::bigint[], $6::text[], $7::jsonb[], $8::bool[])
     AS r(user_id, hash, read_at, seq, email, tags, again)
+WHERE s.user_id = r.user_id AND s.batch_id = $1;
+
+-- mark_unsubscribed --
+-- The API accepted the unsubscribe of these users ($2 ids, $3 stage_seq when read): settled as
+-- 'gone'. What it last accepted is forgotten (a row that comes back is sent again, whole, with
+-- "status": "active"); sent_email and sent_tags stay: the subscriber keeps them at the API. They wait again only
+-- if staged again since.
+UPDATE {schema}.sync_state s
+SET batch_id = NULL,
+    sent_hash = NULL,
+    sent_at = clock_timestamp(),
+    unsubscribed_at = clock_timestamp(),
+    settled_at = clock_timestamp(),
+    settled = 'gone',
+    dirty = s.stage_seq > r.seq
+FROM unnest($2::text[], $3::bigint[]) AS r(user_id, seq)
 WHERE s.user_id = r.user_id AND s.batch_id = $1;
 
 -- resolve_failures --
