@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 from loguru import logger
 
-from usersyncd import db
+from usersyncd import db, notify, quota_wake
 from usersyncd.config import Config
 from usersyncd.source import Source
 
@@ -245,11 +245,27 @@ class UserSyncService:
                 return False  # (or waiting for rows stamped within lookback) the rest: next poll
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Poll every `poll_interval` until `stop`; a lost database is waited out, never fatal."""
+        """Poll every `poll_interval` until `stop`, and at once when the source table notifies
+        (`source.notify_channel`), at most every `notify.MIN_GAP`; a lost database is waited
+        out, never fatal."""
         await db.retrying(self.init_cursors, what="init cursors", stop=stop)
-        while not stop.is_set():
-            await db.retrying(self.poll_once, what="poll", stop=stop)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.config.source.poll_interval)
-            except TimeoutError:
-                pass
+        interval = self.config.source.poll_interval
+        notices = listener = None
+        if self.config.source.notify_channel:
+            notices = notify.ChangeNotices(self.pool, self.config.source.notify_channel)
+            listener = asyncio.create_task(notices.run(stop), name="change-listener")
+        try:
+            while not stop.is_set():
+                began = time.monotonic()
+                if notices is not None:
+                    notices.changed.clear()  # a notification during this poll causes the next
+                await db.retrying(self.poll_once, what="poll", stop=stop)
+                await quota_wake.sleep(interval, stop, notices.changed if notices else None)
+                # a stream of commits wakes it at most once a gap: one poll takes them all
+                gap = min(notify.MIN_GAP, interval) - (time.monotonic() - began)
+                if gap > 0 and not stop.is_set():
+                    await quota_wake.sleep(gap, stop)
+        finally:
+            if listener is not None:
+                listener.cancel()
+                await asyncio.gather(listener, return_exceptions=True)
