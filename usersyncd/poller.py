@@ -102,6 +102,10 @@ class UserSyncService:
     async def poll_once(self) -> PollResult:
         result = PollResult()
         live_done = await self._poll_live(result)
+        if result.staged:  # now, not after the paced lane's share of the poll: they go first
+            self.work_ready.set()
+            if result.live_staged and self.live_ready is not None:
+                self.live_ready.set()
         # the paced lane's staging gets a share of the poll, so the next live scan is not late
         deadline = time.monotonic() + self.config.source.poll_interval / 2
         nulls_done = await self._sweep_nulls(result, deadline)  # before the backfill: room first
@@ -128,7 +132,7 @@ class UserSyncService:
         lookback = timedelta(seconds=self.config.source.lookback)
         async with self.pool.acquire() as conn:
             cursor = await conn.fetchrow(self.sql["cursor"], "live")
-            first_start = await conn.fetchval(self.sql["first_start"])
+            first_start, read_at = await conn.fetchrow(self.sql["first_start"])
             # a row committed after the last scan began was stamped at most lookback before
             # (SPEC G3): older rows were all seen by it, and re-reading them is only work
             start = max(cursor["updated_at"], self._scanned_at or cursor["updated_at"]) - lookback
@@ -138,6 +142,11 @@ class UserSyncService:
             # counted before staging, to send the whole poll to one lane (a single change
             # in the poll after a wave must not find the live lane full of it)
             fresh = await conn.fetchval(self._fresh_sql, start, budget + 1)
+        if not fresh:
+            # the count was a whole scan that found nothing to stage: an idle poll reads the
+            # source once (one index probe), and the next one starts later all the same
+            self._scanned_at = read_at
+            return True
         wave = fresh > budget
         lane = PACED if wave else LIVE
         last_id: str | None = None

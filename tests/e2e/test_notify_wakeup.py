@@ -33,9 +33,7 @@ async def test_a_notified_change_arrives_long_before_the_next_poll(
     """poll_interval 30 s, the trigger installed: three changes, one after another, each
     arrives at the API within a few seconds, once."""
     await seed(conn, 10)
-    settings = fast(
-        source={"poll_interval": POLL, "notify_channel": "usersyncd_users", "start_from": "now"}
-    )
+    settings = fast(source={"poll_interval": POLL, "notify_channel": "usersyncd_users", "start_from": "now"})
     config = make_config(database_url, fake_api.url, **settings)
     assert cli.main(["trigger-sql", "--config", str(config)]) == 0
     await conn.execute(capsys.readouterr().out)
@@ -50,7 +48,10 @@ async def test_a_notified_change_arrives_long_before_the_next_poll(
         await conn.execute(
             "UPDATE users SET name = $2, updated_at = clock_timestamp() WHERE id = $1", user_id, name
         )
-        await fake_api.wait_for(lambda api: api.state.get(email, {}).get("name") == name, timeout=POLL / 2)
+        await fake_api.wait_for(
+            lambda api, email=email, name=name: api.state.get(email, {}).get("name") == name,
+            timeout=POLL / 2,
+        )
         carried = [r for r in fake_api.requests if r.arrived >= changed_at and email in r.emails]
         assert len(carried) == 1 and carried[0].arrived - changed_at < WITHIN, carried
     assert await daemon.stop() == 0
