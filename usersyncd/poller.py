@@ -79,6 +79,7 @@ class UserSyncService:
         self._intake: collections.deque[tuple[float, int]] = collections.deque()
         self._scanned_at: datetime | None = None  # when this process's last whole live scan began
         self.last: PollResult = PollResult()
+        self._backfill_done = False  # the backfill cursor's `done`, once seen (it never goes back)
 
     async def init_cursors(self) -> None:
         """First start only: the live lane begins now, the backfill lane at `start_from`."""
@@ -115,15 +116,16 @@ class UserSyncService:
             self.work_ready.set()
         if result.live_staged and self.live_ready is not None:
             self.live_ready.set()
-        cursors = await self.pool.fetch(self.sql["cursors"])
-        entry = logger.bind(
-            rows_read=result.read,
-            users_staged=result.staged,
-            live_staged=result.live_staged,
-            cursor={r["lane"]: r["updated_at"].isoformat() if r["updated_at"] else None for r in cursors},
-        )
-        # every poll is logged; at INFO when it found something to send
-        (entry.info if result.staged else entry.debug)("poll")
+        entry = logger.bind(rows_read=result.read, users_staged=result.staged, live_staged=result.live_staged)
+        # every poll is logged; at INFO with the cursors when it found something to send (an
+        # idle poll does not read them only to log them)
+        if result.staged:
+            cursors = await self.pool.fetch(self.sql["cursors"])
+            entry.bind(
+                cursor={r["lane"]: r["updated_at"].isoformat() if r["updated_at"] else None for r in cursors}
+            ).info("poll")
+        else:
+            entry.debug("poll")
         self.last = result
         return result
 
@@ -217,11 +219,12 @@ class UserSyncService:
 
     async def _poll_backfill(self, result: PollResult, deadline: float) -> bool:
         """Stage the next backfill pages while the lookahead has room, one page at least and
-        more until `deadline`. True when finished."""
-        while True:
+        more until `deadline`. True when finished (for good: an idle poll does not look again)."""
+        while not self._backfill_done:
             async with self.pool.acquire() as conn, conn.transaction():
                 cursor = await conn.fetchrow(self.sql["cursor"], "backfill")
                 if cursor is None or cursor["done"]:
+                    self._backfill_done = True
                     return True
                 waiting = await conn.fetchval(self.sql["backfill_waiting"], self.lookahead)
                 room = min(PAGE_SIZE, self.lookahead - waiting)
@@ -249,9 +252,11 @@ class UserSyncService:
             result.staged += page["staged"]
             if finished:
                 logger.info("backfill finished: every row that existed at the first start is staged")
+                self._backfill_done = True
                 return True
             if page["read"] < room or time.monotonic() > deadline:
                 return False  # (or waiting for rows stamped within lookback) the rest: next poll
+        return True
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll every `poll_interval` until `stop`, and at once when the source table notifies
