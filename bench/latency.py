@@ -13,8 +13,8 @@ and an empty backlog at the start (`start_from = "now"`):
           (compressed: 10 requests per 10 s window, so about 20 s of draining) and the single
           changes are made during it (other users). Bound (G11): poll_interval + one slot + 1 s.
 - wave-notify: the same with the trigger.
-Updates are spread at random, `--spacing` seconds apart on average (each one user, each user
-once), so they fall at every phase of the poll. Prints p50 / p99 / max per scenario; writes JSON.
+Updates are spread at random, `--spacing` seconds apart on average (`--wave-spacing` in a wave,
+so that all of them fall within it; each one user, each user once), at every phase of the poll. Prints p50 / p99 / max per scenario; writes JSON.
 """
 
 from __future__ import annotations
@@ -178,6 +178,9 @@ async def main() -> None:
     parser.add_argument("--updates", type=int, default=200)
     parser.add_argument("--poll-interval", type=float, default=2.0)
     parser.add_argument("--spacing", type=float, default=0.1, help="mean seconds between two updates")
+    parser.add_argument(
+        "--wave-spacing", type=float, default=0.05, help="the same during a wave (all of them within it)"
+    )
     parser.add_argument("--wave", type=int, default=20_000, help="rows the wave touches")
     parser.add_argument("--scenarios", default="poll,notify,wave,wave-notify")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "latency.json")
@@ -188,7 +191,7 @@ async def main() -> None:
             name,
             updates=args.updates,
             poll_interval=args.poll_interval,
-            spacing=args.spacing,
+            spacing=args.wave_spacing if name.startswith("wave") else args.spacing,
             wave=args.wave if name.startswith("wave") else 0,
         )
         results.append(result)
