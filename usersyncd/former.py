@@ -90,7 +90,8 @@ class Former:
             # meanwhile still makes it into this batch, formed at the end of the wait
             state_now = await self.quota.state()
             wait = max(state_now.next_paced_in, state_now.paused_for or 0.0) - self.lead
-            if wait > 0 and await self.queue.has_paced_ready():
+            backlog = wait > 0 and await self.queue.has_paced_ready()
+            if backlog:
                 # a backlog drains at the pace, and live users go at the head of its next batch
                 # (a slot at most): a live batch ahead of the pace would only borrow a slot the
                 # window then lacks, and every change after it would wait for the window to turn
@@ -112,7 +113,8 @@ class Former:
                 attempt=attempt_no,
                 users=len(members),
                 stop=self.stop,
-                paced=state.batch.lane != LIVE,  # live users may use any free slot at once
+                # live users may use any free slot at once, but not ahead of a backlog's pace
+                paced=state.batch.lane != LIVE or backlog,
             )
         if slot is None:
             raise Stopping()
