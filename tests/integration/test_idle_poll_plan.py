@@ -67,7 +67,7 @@ async def test_an_idle_poll_is_one_index_probe_per_lane(
     for query in reads:
         plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN (COSTS OFF) " + query.query, *query.args))
         scans = [line.strip().removeprefix("->  ") for line in plan.splitlines() if " on users" in line]
-        # none: PostgreSQL 17 knows that a NOT NULL updated_at has no NULL row to sweep
+        # none: PostgreSQL ≥ 17 knows that a NOT NULL updated_at has no NULL row to sweep
         assert len(scans) <= 1, plan
         for scan in scans:
             assert scan.startswith(("Index Only Scan using", "Index Scan using")), plan
