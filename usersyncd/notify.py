@@ -35,9 +35,11 @@ class ChangeNotices:
     """This process's LISTEN on `channel`: `changed` is set by every notification, and whenever
     listening (re)starts. Runs until `stop`; a lost connection is retried with backoff."""
 
-    def __init__(self, pool: asyncpg.Pool, channel: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, config: SourceConfig) -> None:
         self._pool = pool
-        self.channel = channel
+        self._config = config
+        self.channel = config.notify_channel
+        self._looked = False  # for the trigger, once
         self.changed = asyncio.Event()
         self.listening = asyncio.Event()  # set while LISTEN is in force
 
@@ -73,6 +75,14 @@ class ChangeNotices:
             self.listening.set()
             self.changed.set()  # a change may have come while nobody listened: poll once
             logger.bind(channel=self.channel).info("listening for changes to the source table")
+            if not self._looked:
+                self._looked = True
+                if not await trigger_installed(conn, self._config):
+                    logger.bind(channel=self.channel).warning(
+                        "no usersyncd_notify trigger on {} notifies this channel: changes wait for"
+                        " the next poll; `usersyncd trigger-sql` prints the SQL to install it",
+                        self._config.table,
+                    )
             while not stop.is_set() and not lost.is_set():
                 await sleep(KEEPALIVE, stop, lost)
                 if not stop.is_set() and not lost.is_set():  # a silent network can leave it dead: ask
@@ -88,6 +98,24 @@ class ChangeNotices:
 
     def _notified(self, _conn: object, _pid: int, _channel: str, _payload: str) -> None:
         self.changed.set()
+
+
+async def trigger_installed(conn: asyncpg.Connection, config: SourceConfig) -> bool:
+    """Whether the source table has an enabled `usersyncd_notify` trigger for the channel."""
+    return bool(
+        await conn.fetchval(
+            """
+            SELECT EXISTS (
+                SELECT 1 FROM pg_trigger
+                WHERE tgrelid = to_regclass($1) AND tgname = $2 AND tgenabled <> 'D'
+                  AND tgargs = convert_to($3, 'UTF8') || '\\x00'::bytea
+            )
+            """,
+            db.qualified(*config.table_parts),
+            TRIGGER,
+            config.notify_channel,
+        )
+    )
 
 
 def trigger_sql(config: SourceConfig) -> str:

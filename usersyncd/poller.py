@@ -266,7 +266,7 @@ class UserSyncService:
         interval = self.config.source.poll_interval
         notices = listener = None
         if self.config.source.notify_channel:
-            notices = notify.ChangeNotices(self.pool, self.config.source.notify_channel)
+            notices = notify.ChangeNotices(self.pool, self.config.source)
             listener = asyncio.create_task(notices.run(stop), name="change-listener")
         try:
             while not stop.is_set():
