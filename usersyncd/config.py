@@ -122,6 +122,7 @@ class SourceConfig(_Section):
         "ignore"  # a user whose row is deleted or filtered out (G12)
     )
     reconcile_every: SecondsOrZero = 3600.0  # seconds between passes that find deleted rows; 0: off
+    notify_channel: str = ""  # LISTEN here and poll at once when notified; "" = polling only
 
     @field_validator("fields")
     @classmethod
@@ -155,6 +156,16 @@ class SourceConfig(_Section):
             raise ValueError('must be "beginning", "now" or an RFC 3339 time') from None
         if moment.tzinfo is None:
             raise ValueError("an RFC 3339 time needs a UTC offset, e.g. 2026-01-01T00:00:00Z")
+        return value
+
+    @field_validator("notify_channel")
+    @classmethod
+    def _notify_channel(cls, value: str) -> str:
+        # a plain identifier: the same name in LISTEN, pg_notify() and the printed trigger SQL
+        if value and not re.fullmatch(r"[a-z_][a-z0-9_]*", value):
+            raise ValueError("must be a lower-case SQL identifier (letters, digits, _), e.g. usersyncd_users")
+        if len(value) > 63:  # PostgreSQL would cut a longer name silently
+            raise ValueError("must be at most 63 characters")
         return value
 
     @property

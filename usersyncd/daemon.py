@@ -76,7 +76,8 @@ class Daemon:
                 self.pool = await db.wait_for_pool(
                     cfg.database.url,
                     min_size=1,
-                    max_size=cfg.queue.concurrency + 4,
+                    # + the change listener's connection, held while running (source.notify_channel)
+                    max_size=cfg.queue.concurrency + 4 + bool(cfg.source.notify_channel),
                     stop=self.stop,
                     waiting=self._waiting_for_database,
                 )

@@ -104,7 +104,13 @@ class Former:
             # meanwhile still makes it into this batch, formed at the end of the wait
             state_now = await self.quota.state()
             wait = max(state_now.next_paced_in, state_now.paused_for or 0.0) - self.lead
-            if wait > 0 and await self._live_came(wait):  # raises Stopping on shutdown
+            backlog = wait > 0 and await self.queue.has_paced_ready()
+            if backlog:
+                # a backlog drains at the pace, and live users go at the head of its next batch
+                # (a slot at most): a live batch ahead of the pace would only borrow a slot the
+                # window then lacks, and every change after it would wait for the window to turn
+                await sleep(self.stop, wait)
+            elif wait > 0 and await self._live_came(wait):  # raises Stopping on shutdown
                 # live users need not wait for the pace: a free slot, if any, is theirs now
                 free_in = (await self.quota.state()).next_free_in - self.lead
                 if free_in > 0:
@@ -121,7 +127,8 @@ class Former:
                 attempt=attempt_no,
                 users=len(members),
                 stop=self.stop,
-                paced=state.batch.lane != LIVE,  # live users may use any free slot at once
+                # live users may use any free slot at once, but not ahead of a backlog's pace
+                paced=state.batch.lane != LIVE or backlog,
             )
         if slot is None:
             raise Stopping()

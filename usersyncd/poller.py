@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 from loguru import logger
 
-from usersyncd import db
+from usersyncd import db, notify, quota_wake
 from usersyncd.config import Config
 from usersyncd.source import Source
 
@@ -82,6 +82,7 @@ class UserSyncService:
         self._intake: collections.deque[tuple[float, int]] = collections.deque()
         self._scanned_at: datetime | None = None  # when this process's last whole live scan began
         self.last: PollResult = PollResult()
+        self._backfill_done = False  # the backfill cursor's `done`, once seen (it never goes back)
         self._cursors_made = asyncio.Event()  # init_cursors is done: re-reads may begin
 
     async def init_cursors(self) -> None:
@@ -108,6 +109,10 @@ class UserSyncService:
         re-reads in a task of its own), the NULL sweep and the backfill."""
         result = PollResult()
         live_done = await self._poll_live(result, reread=reread)
+        if result.staged:  # now, not after the paced lane's share of the poll: they go first
+            self.work_ready.set()
+            if result.live_staged and self.live_ready is not None:
+                self.live_ready.set()
         # the paced lane's staging gets a share of the poll, so the next live scan is not late
         deadline = time.monotonic() + self.config.source.poll_interval / 2
         nulls_done = await self._sweep_nulls(result, deadline)  # before the backfill: room first
@@ -130,14 +135,16 @@ class UserSyncService:
             self.work_ready.set()
         if result.live_staged and self.live_ready is not None:
             self.live_ready.set()
-        cursors = await self.pool.fetch(self.sql["cursors"])
-        entry = logger.bind(
-            rows_read=result.read,
-            users_staged=result.staged,
-            live_staged=result.live_staged,
-            cursor={r["lane"]: r["updated_at"].isoformat() if r["updated_at"] else None for r in cursors},
-        )
-        (entry.info if result.staged else entry.debug)(what)
+        entry = logger.bind(rows_read=result.read, users_staged=result.staged, live_staged=result.live_staged)
+        # at INFO with the cursors when it found something to send (an idle poll does not read
+        # them only to log them)
+        if result.staged:
+            cursors = await self.pool.fetch(self.sql["cursors"])
+            entry.bind(
+                cursor={r["lane"]: r["updated_at"].isoformat() if r["updated_at"] else None for r in cursors}
+            ).info(what)
+        else:
+            entry.debug(what)
 
     async def _poll_live(self, result: PollResult, *, reread: bool) -> bool:
         """Scan from the live cursor to the end, from the cursor minus lookback if `reread`.
@@ -145,7 +152,7 @@ class UserSyncService:
         lookback = timedelta(seconds=self.config.source.lookback)
         async with self.pool.acquire() as conn:
             cursor = await conn.fetchrow(self.sql["cursor"], "live")
-            first_start = await conn.fetchval(self.sql["first_start"])
+            first_start, read_at = await conn.fetchrow(self.sql["first_start"])
             if reread:
                 # a row committed after the last re-read began was stamped at most lookback
                 # before (SPEC G3): older rows were all seen by it, and re-reading them is only work
@@ -158,6 +165,12 @@ class UserSyncService:
             # counted before staging, to send the whole poll to one lane (a single change
             # in the poll after a wave must not find the live lane full of it)
             fresh = await conn.fetchval(self._fresh_sql, start, budget + 1)
+        if not fresh:
+            # the count was a whole scan that found nothing to stage: an idle poll reads the
+            # source once (one index probe), and the next re-read starts later all the same
+            if reread:
+                self._scanned_at = read_at
+            return True
         wave = fresh > budget
         lane = PACED if wave else LIVE
         last_id: str | None = None
@@ -237,11 +250,12 @@ class UserSyncService:
 
     async def _poll_backfill(self, result: PollResult, deadline: float) -> bool:
         """Stage the next backfill pages while the lookahead has room, one page at least and
-        more until `deadline`. True when finished."""
-        while True:
+        more until `deadline`. True when finished (for good: an idle poll does not look again)."""
+        while not self._backfill_done:
             async with self.pool.acquire() as conn, conn.transaction():
                 cursor = await conn.fetchrow(self.sql["cursor"], "backfill")
                 if cursor is None or cursor["done"]:
+                    self._backfill_done = True
                     return True
                 waiting = await conn.fetchval(self.sql["backfill_waiting"], self.lookahead)
                 room = min(PAGE_SIZE, self.lookahead - waiting)
@@ -269,17 +283,30 @@ class UserSyncService:
             result.staged += page["staged"]
             if finished:
                 logger.info("backfill finished: every row that existed at the first start is staged")
+                self._backfill_done = True
                 return True
             if page["read"] < room or time.monotonic() > deadline:
                 return False  # (or waiting for rows stamped within lookback) the rest: next poll
+        return True
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Poll every `poll_interval` until `stop`; a lost database is waited out, never fatal.
-        The lookback re-read is not part of these polls: `run_rereads` does it, a task of its own."""
+        """Poll every `poll_interval` until `stop`, and at once when the source table notifies
+        (`source.notify_channel`), at most every `notify.MIN_GAP`; a lost database is waited
+        out, never fatal. The lookback re-read is not part of these polls: `run_rereads` does
+        it, a task of its own."""
         await db.retrying(self.init_cursors, what="init cursors", stop=stop)
         self._cursors_made.set()
         poll = functools.partial(self.poll_once, reread=False)
-        await self._every(self.config.source.poll_interval, poll, "poll", stop)
+        notices = listener = None
+        if self.config.source.notify_channel:
+            notices = notify.ChangeNotices(self.pool, self.config.source)
+            listener = asyncio.create_task(notices.run(stop), name="change-listener")
+        try:
+            await self._every(self.config.source.poll_interval, poll, "poll", stop, notices)
+        finally:
+            if listener is not None:
+                listener.cancel()
+                await asyncio.gather(listener, return_exceptions=True)
 
     async def run_rereads(self, stop: asyncio.Event) -> None:
         """Re-read the last `lookback` every `reread_every` until `stop`. Apart from the polls:
@@ -299,12 +326,21 @@ class UserSyncService:
 
     @staticmethod
     async def _every(
-        seconds: float, step: Callable[[], Awaitable[PollResult]], what: str, stop: asyncio.Event
+        seconds: float,
+        step: Callable[[], Awaitable[PollResult]],
+        what: str,
+        stop: asyncio.Event,
+        notices: notify.ChangeNotices | None = None,
     ) -> None:
-        """`step`, then a pause of `seconds`, until `stop`."""
+        """`step`, then a pause of `seconds` (cut short by a change notification, but no new
+        step sooner than `notify.MIN_GAP` after the last began), until `stop`."""
         while not stop.is_set():
+            began = time.monotonic()
+            if notices is not None:
+                notices.changed.clear()  # a notification during this step causes the next
             await db.retrying(step, what=what, stop=stop)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=seconds)
-            except TimeoutError:
-                pass
+            await quota_wake.sleep(seconds, stop, notices.changed if notices else None)
+            # a stream of commits wakes it at most once a gap: one poll takes them all
+            gap = min(notify.MIN_GAP, seconds) - (time.monotonic() - began)
+            if notices is not None and gap > 0 and not stop.is_set():
+                await quota_wake.sleep(gap, stop)

@@ -85,6 +85,9 @@ class Queue:
     async def has_live_ready(self) -> bool:
         return bool(await self.pool.fetchval(self.sql["has_live_ready"]))
 
+    async def has_paced_ready(self) -> bool:
+        return bool(await self.pool.fetchval(self.sql["has_paced_ready"]))
+
     async def claim_open_batch(self) -> Batch | None:
         """A released or abandoned batch, if one is due."""
         row = await self.pool.fetchrow(self.sql["claim_open_batch"], self.name, self.worker, self.lease)

@@ -16,6 +16,11 @@ SELECT EXISTS (SELECT 1 FROM {schema}.sync_state WHERE dirty AND batch_id IS NUL
 -- Is a user of the live lane waiting? (they are not held to the backfill's pace)
 SELECT EXISTS (SELECT 1 FROM {schema}.sync_state WHERE dirty AND batch_id IS NULL AND lane = 0);
 
+-- has_paced_ready --
+-- Is a user of the paced lane waiting? (then the quota is spent at the pace: live users ride
+-- at the head of the next paced batch instead of taking a slot ahead of it)
+SELECT EXISTS (SELECT 1 FROM {schema}.sync_state WHERE dirty AND batch_id IS NULL AND lane = 1);
+
 -- claim_open_batch --
 -- Take a released batch that is due, or one whose worker vanished (lease expired).
 -- Its users are those sync_state still puts in it: a worker killed between taking users and
