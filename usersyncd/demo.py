@@ -350,12 +350,15 @@ def _event_lines(api: FakeApi, run: Run, outcome: Outcome, checks: dict[str, boo
         f"  renamed                    {old} -> {new}: "
         + ("one subscriber, under the new email" if checks["renamed"] else "NOT moved"),
         f"  deleted                    {run.deleted}: "
-        + ("unsubscribed" if checks["deleted"] else "NOT unsubscribed")
-        + " (found by the reconcile pass)",
+        + (
+            "unsubscribed (its deletion found by the reconcile pass)"
+            if checks["deleted"]
+            else "NOT unsubscribed"
+        ),
         f"  refused by the API         {REFUSED_EMAIL}, signed up during the run: its batch of {batch:,}"
         " refused whole, naming nobody;",
         "                             "
-        + ("dead-lettered `rejected`" if checks["refused"] else "NOT dead-lettered")
+        + ("dead-lettered `rejected`" if checks["refused"] else "NOT dead-lettered alone")
         + f" ({why}), {outcome.isolate_requests} extra requests to find it",
     ]
 
@@ -374,7 +377,7 @@ def _mirror_problem(outcome: Outcome) -> str:
     if outcome.wrong:
         email, (held, wanted) = next(iter(outcome.wrong.items()))
         return f"NO, {len(outcome.wrong)} differ, e.g. {email}: {held} instead of {wanted}"
-    return f"NO, {len(outcome.strays)} subscribers no row has, e.g. {sorted(outcome.strays)[:3]}"
+    return f"NO, subscribers no row has: {len(outcome.strays)}, e.g. {sorted(outcome.strays)[:3]}"
 
 
 def _statuses(api: FakeApi) -> str:
