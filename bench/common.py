@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import with_database, write_config  # noqa: E402
 
 from usersyncd import db  # noqa: E402
-from usersyncd.demo import seed_users  # noqa: E402
+from usersyncd.seed import seed_users  # noqa: E402
 
 
 @asynccontextmanager

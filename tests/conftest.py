@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from usersyncd import db
-from usersyncd.demo import seed_users
+from usersyncd.seed import seed_users
 
 TEST_DATABASE_ENV = "USERSYNCD_TEST_DATABASE_URL"
 

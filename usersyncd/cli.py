@@ -404,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
             add_options(command)
         command.set_defaults(handler=handler)
     demo_help = (
-        "the whole pipeline on an embedded PostgreSQL and a fake API, time compressed (about a minute)"
+        "the whole pipeline on an embedded PostgreSQL and a fake of the Drip API,"
+        " time compressed (about a minute)"
     )
     demo = sub.add_parser("demo", help=demo_help, description=demo_help)
     demo.add_argument("--users", type=int, default=60_000, help="users to sync (default 60000)")

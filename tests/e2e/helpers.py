@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import subprocess
 import sys
 from typing import Any
 
 import asyncpg
 
-from usersyncd import records
+from usersyncd import seed
 from usersyncd.fakeapi import FakeApiProcess
-
-FIELDS = {"email": "email", "name": "name", "time_zone": "time_zone"}
 
 # A compressed world: 10 requests per 2 s window; everything else scaled to match.
 FAST: dict[str, dict[str, Any]] = {
@@ -33,29 +30,6 @@ def fast(**overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return merged
 
 
-async def expected_state(conn: asyncpg.Connection) -> tuple[dict[str, dict[str, Any]], set[str]]:
-    """What the API should hold for each valid user (by email), and the ids of invalid ones."""
-    valid: dict[str, dict[str, Any]] = {}
-    invalid: set[str] = set()
-    for row in await conn.fetch("SELECT id::text AS id, email, name, time_zone FROM users"):
-        result = _validate(row["id"], row["email"], row["name"], row["time_zone"])
-        if isinstance(result, records.Invalid):
-            invalid.add(row["id"])
-        else:
-            valid[result["email"]] = result
-    return valid, invalid
-
-
-@functools.cache
-def _validate(
-    user_id: str, email: str | None, name: str | None, time_zone: str | None
-) -> dict[str, Any] | records.Invalid:
-    """records.validate, remembered: validating 100,000 rows on every poll of wait_in_sync
-    would keep a core busy that the daemon needs."""
-    row = {"id": user_id, "email": email, "name": name, "time_zone": time_zone}
-    return records.validate(user_id, row, FIELDS)
-
-
 async def open_failure_users(conn: asyncpg.Connection) -> set[str]:
     rows = await conn.fetch("SELECT unnest(user_ids) AS u FROM usersync.failures WHERE resolved_at IS NULL")
     return {r["u"] for r in rows}
@@ -63,9 +37,8 @@ async def open_failure_users(conn: asyncpg.Connection) -> set[str]:
 
 async def assert_in_sync(conn: asyncpg.Connection, api: FakeApiProcess) -> None:
     """G3: every valid user's latest state is at the API; every invalid one has an open failure."""
-    valid, invalid = await expected_state(conn)
-    state = api.state  # one read: each one asks the fake whether anything changed
-    wrong = {email: (state.get(email), want) for email, want in valid.items() if state.get(email) != want}
+    valid, invalid = await seed.expected_state(conn)
+    wrong = seed.mismatches(api.state, valid)  # one read: each one asks the fake whether anything changed
     assert not wrong, f"{len(wrong)} users differ, e.g. {list(wrong.items())[:3]}"
     missing = invalid - await open_failure_users(conn)
     assert not missing, f"invalid users without an open failure: {sorted(missing)[:5]}"
