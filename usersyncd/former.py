@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 from loguru import logger
@@ -33,8 +33,7 @@ FORM_ROUND_MAX = 10_000  # users taken in one top-up round, at most
 YIELD_EVERY = 100  # users validated between yields to the event loop
 
 
-@dataclass(frozen=True)
-class Member:
+class Member(NamedTuple):  # a tuple: one per user sent, ~5x cheaper to make than a frozen dataclass
     user_id: str
     payload: dict[str, Any]
     hash: bytes

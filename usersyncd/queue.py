@@ -101,12 +101,12 @@ class Queue:
 
     async def user_state(self, user_ids: Sequence[str]) -> dict[str, tuple[bytes | None, int]]:
         """{user id: (hash the API last accepted, stage_seq)}: read before the users' rows."""
-        rows = await self.pool.fetch(self.sql["user_state"], list(user_ids))
+        rows = await self.pool.fetch(self.sql["user_state"], db.text_array(user_ids))
         return {r["user_id"]: (r["sent_hash"], r["stage_seq"]) for r in rows}
 
     async def set_members(self, batch: Batch, user_ids: Sequence[str], lane: int | None = None) -> None:
         batch.user_ids = list(user_ids)
-        await self.pool.execute(self.sql["set_members"], batch.id, batch.user_ids, lane)
+        await self.pool.execute(self.sql["set_members"], batch.id, db.text_array(batch.user_ids), lane)
 
     async def drop_users(
         self, batch: Batch, seqs: dict[str, int], *, settled: dict[str, str] | None = None
@@ -120,7 +120,7 @@ class Queue:
         settled = settled or {}
         ids = sorted(seqs)
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(self.sql["lock_users"], ids)
+            await conn.execute(self.sql["lock_users"], db.text_array(ids))
             await conn.execute(
                 self.sql["drop_users"], batch.id, ids, [seqs[u] for u in ids], [settled.get(u) for u in ids]
             )
@@ -135,7 +135,7 @@ class Queue:
             return
         ids = sorted(user_ids)
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(self.sql["lock_users"], ids)
+            await conn.execute(self.sql["lock_users"], db.text_array(ids))
             await conn.execute(self.sql["put_back"], batch.id, ids)
 
     async def mark_sent(self, batch: Batch, sent: Sequence[Sent]) -> None:
@@ -145,7 +145,7 @@ class Queue:
         if not sent:
             return
         ordered = sorted(sent)
-        ids = [s.user_id for s in ordered]
+        ids = db.text_array([s.user_id for s in ordered])
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(self.sql["lock_users"], ids)
             await conn.execute(
@@ -155,7 +155,7 @@ class Queue:
                 [s.hash for s in ordered],
                 [s.read_at for s in ordered],
                 [s.seq for s in ordered],
-                [s.email for s in ordered],
+                db.text_array([s.email for s in ordered]),
                 [s.tags for s in ordered],
             )
 
@@ -163,7 +163,7 @@ class Queue:
         """Resolve the open failures of these users whose every user is settled since; how many."""
         if not user_ids:
             return 0
-        status = await self.pool.execute(self.sql["resolve_failures"], list(user_ids))
+        status = await self.pool.execute(self.sql["resolve_failures"], db.text_array(user_ids))
         return int(status.split()[-1])
 
     async def spend_attempt(

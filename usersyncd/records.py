@@ -67,14 +67,17 @@ def build_payload(row: Mapping[str, Any], fields: Mapping[str, str]) -> dict[str
 
 def validate(user_id: str, row: Mapping[str, Any], fields: Mapping[str, str]) -> dict[str, Any] | Invalid:
     """The payload of `row`, or the first problem found (email, time zone, then each field)."""
-    problem = _email_problem(row[fields[EMAIL]])
-    if problem:
-        return Invalid(user_id, EMAIL, problem)
-    if TIME_ZONE in fields:
-        problem = _time_zone_problem(row[fields[TIME_ZONE]])
+    email = row[fields[EMAIL]]
+    if type(email) is not str or not _plain_email(email):  # the usual address needs no more
+        problem = _email_problem(email)
+        if problem:
+            return Invalid(user_id, EMAIL, problem)
+    zone_column = fields.get(TIME_ZONE)
+    if zone_column is not None:
+        problem = _time_zone_problem(row[zone_column])
         if problem:
             return Invalid(user_id, TIME_ZONE, problem)
-    values: list[tuple[str, Any]] = []
+    payload: dict[str, Any] = {}
     for api_field, column in fields.items():
         value = row[column]
         kind = type(value)
@@ -89,10 +92,8 @@ def validate(user_id: str, row: Mapping[str, Any], fields: Mapping[str, str]) ->
             problem = _value_problem(value)
             if problem:
                 return Invalid(user_id, api_field, problem)
-        values.append((api_field, value))
-    if _flat(tuple(fields)):
-        return dict(values)
-    return _nest(values)
+        payload[api_field] = value
+    return payload if _flat(fields) else _nest(payload.items())
 
 
 def content_hash(payload: Mapping[str, Any]) -> bytes:
@@ -171,7 +172,9 @@ def _nest(values: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     """Dotted API names become nested objects. A null is sent as null: a field cleared in the
     table is cleared at the API too (G3: the API holds the latest state of every mapped field)."""
     values = list(values)
-    if _flat(tuple(api_field for api_field, _ in values)):
+    names = [api_field for api_field, _ in values]
+    _check_shape(names)
+    if not any("." in api_field for api_field in names):
         return dict(values)
     payload: dict[str, Any] = {}
     for api_field, value in values:
@@ -183,11 +186,23 @@ def _nest(values: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     return payload
 
 
-@functools.lru_cache(maxsize=64)
-def _flat(api_fields: tuple[str, ...]) -> bool:
-    """No dotted name (the payload is the pairs as they are); checks the shape once per mapping."""
-    _check_shape(list(api_fields))
-    return not any("." in api_field for api_field in api_fields)
+def _flat(fields: Mapping[str, Any]) -> bool:
+    """No dotted API name (the payload is the pairs as they are). Checks the shape once per
+    mapping: the answer is kept for this very mapping object (a config's, never changed)."""
+    known = _FLAT.get(id(fields))
+    if known is not None and known[0] is fields:
+        return known[1]
+    names = tuple(fields)
+    _check_shape(list(names))
+    flat = not any("." in api_field for api_field in names)
+    if len(_FLAT) >= _FLAT_MAX:
+        _FLAT.clear()
+    _FLAT[id(fields)] = (fields, flat)  # holds the mapping: its id is not reused meanwhile
+    return flat
+
+
+_FLAT: dict[int, tuple[Mapping[str, Any], bool]] = {}
+_FLAT_MAX = 64
 
 
 def _check_shape(api_fields: list[str]) -> None:

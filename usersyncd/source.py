@@ -150,13 +150,13 @@ class Source:
         return f"SELECT count(*) FROM {self.table} WHERE {upd} IS NULL AND {self.where_filter}"
 
     def fetch_sql(self) -> str:
-        """Current rows of the given ids ($1 text[]) that pass the filter."""
+        """Current rows of the given ids ($1: a text[] literal, `db.text_array`) that pass the filter."""
         uid = db.quote_ident(self.config.id_column)
         cols = ", ".join(db.quote_ident(c) for c in self.columns)
         return f"""
             SELECT {uid}::text AS "__usersyncd_id", {self.version_sql} AS "__usersyncd_updated_at", {cols}
             FROM {self.table}
-            WHERE {uid} = ANY($1::text[]::{self.id_type}[]) AND {self.where_filter}
+            WHERE {uid} = ANY($1::text::text[]::{self.id_type}[]) AND {self.where_filter}
         """
 
     async def versions(self, conn: asyncpg.Connection, user_ids: Sequence[str]) -> dict[str, datetime]:
@@ -165,14 +165,14 @@ class Source:
         uid = db.quote_ident(self.config.id_column)
         records = await conn.fetch(
             f"SELECT {uid}::text AS id, {self.version_sql} AS updated_at FROM {self.table}"
-            f" WHERE {uid} = ANY($1::text[]::{self.id_type}[]) AND {self.where_filter}",
-            list(user_ids),
+            f" WHERE {uid} = ANY($1::text::text[]::{self.id_type}[]) AND {self.where_filter}",
+            db.text_array(user_ids),
         )
         return {r["id"]: r["updated_at"] for r in records}
 
     async def fetch(self, conn: asyncpg.Connection, user_ids: Sequence[str]) -> dict[str, Row]:
         """The users' rows as they are now, by id (missing: deleted or filtered out)."""
-        records = await conn.fetch(self.fetch_sql(), list(user_ids))
+        records = await conn.fetch(self.fetch_sql(), db.text_array(user_ids))
         # the record itself is the column -> value mapping: no dict built per row
         return {r[0]: Row(r[0], r[1], cast(Mapping[str, Any], r)) for r in records}
 

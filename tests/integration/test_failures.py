@@ -90,7 +90,7 @@ async def test_marking_a_batch_sent_stays_fast_with_300000_open_failures(pool: a
     async with pool.acquire() as conn:
         for mode in ("force_custom_plan", "force_generic_plan"):
             await conn.execute(f"SET plan_cache_mode = {mode}")
-            plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", ids))
+            plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", db.text_array(ids)))
             assert "Seq Scan on failures" not in plan, plan
             assert "failure_users" in plan, plan
 

@@ -62,15 +62,15 @@ RETURNING s.user_id, s.lane, s.sent_hash;
 -- user_state --
 -- What the API last accepted for these users, and how often each was staged (read before
 -- their rows, so a staging after the read leaves them dirty).
-SELECT user_id, sent_hash, stage_seq FROM {schema}.sync_state WHERE user_id = ANY($1::text[]);
+SELECT user_id, sent_hash, stage_seq FROM {schema}.sync_state WHERE user_id = ANY($1::text::text[]);
 
 -- lock_users --
 -- Lock these users' rows in user_id order, the order every writer of sync_state uses (no deadlock).
-SELECT 1 FROM {schema}.sync_state WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE;
+SELECT 1 FROM {schema}.sync_state WHERE user_id = ANY($1::text::text[]) ORDER BY user_id FOR UPDATE;
 
 -- set_members --
 -- The users the batch will carry (after dropping the unchanged, invalid and missing).
-UPDATE {schema}.batches SET user_ids = $2::text[], lane = coalesce($3, lane) WHERE id = $1;
+UPDATE {schema}.batches SET user_ids = $2::text::text[], lane = coalesce($3, lane) WHERE id = $1;
 
 -- drop_users --
 -- Users leaving a batch unsent (unchanged, invalid, missing): they wait again only if they
@@ -107,7 +107,7 @@ SET batch_id = NULL,
     settled_at = clock_timestamp(),
     settled = 'sent',
     dirty = s.stage_seq > r.seq
-FROM unnest($2::text[], $3::bytea[], $4::timestamptz[], $5::bigint[], $6::text[], $7::jsonb[])
+FROM unnest($2::text::text[], $3::bytea[], $4::timestamptz[], $5::bigint[], $6::text::text[], $7::jsonb[])
     AS r(user_id, hash, read_at, seq, email, tags)
 WHERE s.user_id = r.user_id AND s.batch_id = $1;
 
@@ -126,14 +126,14 @@ FROM (
     FROM {schema}.failures o
     CROSS JOIN LATERAL unnest(o.user_ids) AS u(user_id)
     LEFT JOIN {schema}.sync_state s ON s.user_id = u.user_id
-    WHERE o.id = ANY(ARRAY(SELECT failure_id FROM {schema}.failure_users WHERE user_id = ANY($1::text[])))
+    WHERE o.id = ANY(ARRAY(SELECT failure_id FROM {schema}.failure_users WHERE user_id = ANY($1::text::text[])))
       AND o.resolved_at IS NULL
     GROUP BY o.id, o.last_failed_at
     HAVING bool_and(s.settled_at IS NOT NULL AND s.settled_at >= o.last_failed_at)
 ) v
 -- the same ids again, so that the rows to update are fetched by key, never by a scan; a
 -- failure that failed again meanwhile (newer last_failed_at) stays open
-WHERE f.id = ANY(ARRAY(SELECT failure_id FROM {schema}.failure_users WHERE user_id = ANY($1::text[])))
+WHERE f.id = ANY(ARRAY(SELECT failure_id FROM {schema}.failure_users WHERE user_id = ANY($1::text::text[])))
   AND f.id = v.id AND f.resolved_at IS NULL AND f.last_failed_at = v.last_failed_at;
 
 -- resolve_settled --
