@@ -131,8 +131,9 @@ class Former:
             if not taken:
                 break
             taken_so_far += len(taken)
-            lanes.update(taken)
-            members += await self.prepare(batch, list(taken))
+            lanes.update((user_id, lane) for user_id, (lane, _, _) in taken.items())
+            known = {user_id: (sent_hash, seq) for user_id, (_, sent_hash, seq) in taken.items()}
+            members += await self.prepare(batch, list(taken), known)
             if len(taken) < ask or loop.time() >= deadline:
                 break
         if len(members) > size:  # a round took more than was needed: the rest wait again
@@ -157,10 +158,17 @@ class Former:
         await self.queue.set_members(batch, [m.user_id for m in kept])
         return kept
 
-    async def prepare(self, batch: Batch, user_ids: Sequence[str]) -> list[Member]:
+    async def prepare(
+        self,
+        batch: Batch,
+        user_ids: Sequence[str],
+        known: dict[str, tuple[bytes | None, int]] | None = None,
+    ) -> list[Member]:
         """Read the users now; invalid and unreadable ones to failures, unchanged and missing
-        ones out (settled: their failures may resolve)."""
-        known = await self.queue.user_state(user_ids)  # before the rows: see Member.seq
+        ones out (settled: their failures may resolve). `known`: their `user_state`, when the
+        caller has it already (read by `take_ready`)."""
+        if known is None:
+            known = await self.queue.user_state(user_ids)  # before the rows: see Member.seq
         async with self.pool.acquire() as conn:
             rows, unreadable = await reading.fetch(conn, self.source, user_ids)
         members: list[Member] = []

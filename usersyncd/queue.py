@@ -91,13 +91,14 @@ class Queue:
         batch_id = await self.pool.fetchval(self.sql["new_batch"], self.name, self.worker, self.lease)
         return Batch(batch_id, [])
 
-    async def take_ready(self, batch: Batch, limit: int) -> dict[str, int]:
-        """Move up to `limit` ready users into the batch (live lane first): {user id: lane}."""
+    async def take_ready(self, batch: Batch, limit: int) -> dict[str, tuple[int, bytes | None, int]]:
+        """Move up to `limit` ready users into the batch (live lane first): {user id: (lane, hash
+        the API last accepted, stage_seq)}, the last two as `user_state` gives them."""
         async with self.pool.acquire() as conn, conn.transaction():
             # one worker forms at a time, so two never split the tail of a backlog (G2)
             await conn.execute(self.sql["form_lock"], self.name)
             rows = await conn.fetch(self.sql["take_ready"], batch.id, limit)
-        return {r["user_id"]: r["lane"] for r in rows}
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
     async def user_state(self, user_ids: Sequence[str]) -> dict[str, tuple[bytes | None, int]]:
         """{user id: (hash the API last accepted, stage_seq)}: read before the users' rows."""

@@ -47,7 +47,8 @@ RETURNING id;
 SELECT pg_advisory_xact_lock(hashtext('usersyncd.form:' || $1));
 
 -- take_ready --
--- Move up to $2 ready users into batch $1: live lane first, then the oldest waiting.
+-- Move up to $2 ready users into batch $1: live lane first, then the oldest waiting. With
+-- what the API last accepted and stage_seq (as user_state: read before the users' rows).
 WITH picked AS (
     SELECT user_id FROM {schema}.sync_state
     WHERE dirty AND batch_id IS NULL
@@ -57,7 +58,7 @@ WITH picked AS (
 )
 UPDATE {schema}.sync_state s SET batch_id = $1
 FROM picked WHERE s.user_id = picked.user_id
-RETURNING s.user_id, s.lane, s.sent_hash;
+RETURNING s.user_id, s.lane, s.sent_hash, s.stage_seq;
 
 -- user_state --
 -- What the API last accepted for these users, and how often each was staged (read before
