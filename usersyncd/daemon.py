@@ -142,7 +142,6 @@ class Daemon:
         # what start-up made (modules, config, pool, client) lives as long as the process: out of
         # the garbage collector's sight, so the collections a backlog's batches trigger skip it
         gc.freeze()
-        gc.set_threshold(10_000, 20, 10)
         return await self._supervise()
 
     async def _supervise(self) -> int:

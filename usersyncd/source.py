@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -172,9 +172,10 @@ class Source:
 
     async def fetch(self, conn: asyncpg.Connection, user_ids: Sequence[str]) -> dict[str, Row]:
         """The users' rows as they are now, by id (missing: deleted or filtered out)."""
-        records = await conn.fetch(self.fetch_sql(), db.text_array(user_ids))
-        # the record itself is the column -> value mapping: no dict built per row
-        return {r[0]: Row(r[0], r[1], cast(Mapping[str, Any], r)) for r in records}
+        # Any: the record itself is the column -> value mapping (no dict built per row, and no
+        # cast() per row either: its Mapping[str, Any] alone costs 0.14 µs each time)
+        records: list[Any] = await conn.fetch(self.fetch_sql(), db.text_array(user_ids))
+        return {r[0]: Row(r[0], r[1], r) for r in records}
 
 
 class Row(NamedTuple):  # a tuple: made once per user read, ~4x cheaper than a frozen dataclass
