@@ -12,7 +12,6 @@ import asyncio
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -37,7 +36,7 @@ class Member(NamedTuple):  # a tuple: one per user sent, ~5x cheaper to make tha
     user_id: str
     payload: dict[str, Any]
     hash: bytes
-    read_at: datetime  # the row's updated_at when read
+    read_at: str  # the row's version when read (`Source.version_sql`)
     seq: int  # the user's stage_seq when read: staged again since means send again
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -40,7 +39,7 @@ class Sent(NamedTuple):
 
     user_id: str
     hash: bytes  # of the payload sent (G4)
-    read_at: datetime  # the row's updated_at when read
+    read_at: str  # the row's version when read (`Source.version_sql`: a timestamptz as text)
     seq: int  # its stage_seq when read: staged again since means send again
     email: str | None  # the email the API keys it by now (G12)
     tags: str | None  # the tags sent, as JSON (removed ones go as remove_tags later)
@@ -154,7 +153,7 @@ class Queue:
                 batch.id,
                 ids,
                 [s.hash for s in ordered],
-                [s.read_at for s in ordered],
+                db.text_array([s.read_at for s in ordered]),
                 [s.seq for s in ordered],
                 db.text_array([s.email for s in ordered]),
                 [s.tags for s in ordered],

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -19,9 +18,9 @@ from usersyncd.errors import SourceError
 
 TIMESTAMP_TYPES = ("timestamp with time zone", "timestamp without time zone")
 
-# The version of a row whose updated_at is NULL: '-infinity', as asyncpg reads it back (and
-# writes it). Never None, so that a deleted row (no version) still differs from a NULL one.
-NULL_VERSION = datetime(1, 1, 1)
+# The version of a row whose updated_at is NULL: '-infinity'. Never None, so that a deleted row
+# (no version) still differs from a NULL one.
+NULL_VERSION = "-infinity"
 
 
 @dataclass(frozen=True)
@@ -42,8 +41,11 @@ class Source:
 
     @property
     def version_sql(self) -> str:
-        """A row's version: its updated_at, '-infinity' when NULL (never NULL: see NULL_VERSION)."""
-        return f"coalesce({db.quote_ident(self.config.updated_at_column)}::timestamptz, '-infinity')"
+        """A row's version: its updated_at as PostgreSQL writes a timestamptz, '-infinity' when NULL
+        (never NULL: see NULL_VERSION). Text: compared for equality and written back into a
+        timestamptz by the same server (`queue.mark_sent`), so it is exact, and reading it costs a
+        fifth of a datetime (0.15 µs a row, twice per user sent)."""
+        return f"coalesce({db.quote_ident(self.config.updated_at_column)}::timestamptz, '-infinity')::text"
 
     @property
     def columns(self) -> list[str]:
@@ -159,7 +161,7 @@ class Source:
             WHERE {uid} = ANY($1::text::text[]::{self.id_type}[]) AND {self.where_filter}
         """
 
-    async def versions(self, conn: asyncpg.Connection, user_ids: Sequence[str]) -> dict[str, datetime]:
+    async def versions(self, conn: asyncpg.Connection, user_ids: Sequence[str]) -> dict[str, str]:
         """The users' current version (updated_at, NULL_VERSION for NULL), by id: a cheap check
         before sending a formed batch. A missing id is a deleted or filtered-out row."""
         uid = db.quote_ident(self.config.id_column)
@@ -180,7 +182,7 @@ class Source:
 
 class Row(NamedTuple):  # a tuple: made once per user read, ~4x cheaper than a frozen dataclass
     user_id: str
-    updated_at: datetime  # NULL_VERSION when the column is NULL
+    updated_at: str  # the version (`Source.version_sql`): NULL_VERSION when the column is NULL
     values: Mapping[str, Any]  # column -> value (an asyncpg Record: indexed by column name)
 
 

@@ -50,7 +50,7 @@ async def hold(pool: asyncpg.Pool, user_ids: list[str]) -> Batch:
 
 
 def sent(user_ids: list[str]) -> list[Sent]:
-    return [Sent(u, b"h" + u.encode(), datetime.now(UTC), 1, f"{u}@example.com", None) for u in user_ids]
+    return [Sent(u, b"h" + u.encode(), str(datetime.now(UTC)), 1, f"{u}@example.com", None) for u in user_ids]
 
 
 async def test_marking_a_batch_sent_stays_fast_with_300000_open_failures(pool: asyncpg.Pool) -> None:

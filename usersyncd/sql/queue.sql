@@ -108,7 +108,7 @@ SET batch_id = NULL,
     settled_at = clock_timestamp(),
     settled = 'sent',
     dirty = s.stage_seq > r.seq
-FROM unnest($2::text::text[], $3::bytea[], $4::timestamptz[], $5::bigint[], $6::text::text[], $7::jsonb[])
+FROM unnest($2::text::text[], $3::bytea[], $4::text::timestamptz[], $5::bigint[], $6::text::text[], $7::jsonb[])
     AS r(user_id, hash, read_at, seq, email, tags)
 WHERE s.user_id = r.user_id AND s.batch_id = $1;
 
