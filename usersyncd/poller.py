@@ -185,9 +185,11 @@ class UserSyncService:
         started."""
         if not self.sweep_nulls:
             return True
+        waiting: int | None = None
         while True:
             async with self.pool.acquire() as conn, conn.transaction():
-                waiting = await conn.fetchval(self.sql["backfill_waiting"], self.lookahead)
+                if waiting is None:  # once per poll: see _poll_backfill
+                    waiting = int(await conn.fetchval(self.sql["backfill_waiting"], self.lookahead))
                 if waiting >= self.lookahead:
                     return False
                 page = await conn.fetchrow(
@@ -198,6 +200,7 @@ class UserSyncService:
                 )
             result.read += page["read"]
             result.staged += page["staged"]
+            waiting += page["staged"]
             if page["read"] < PAGE_SIZE:  # the end: the next poll starts over
                 self._nulls_after = None
                 self._nulls_cycles += 1
@@ -208,13 +211,20 @@ class UserSyncService:
 
     async def _poll_backfill(self, result: PollResult, deadline: float) -> bool:
         """Stage the next backfill pages while the lookahead has room, one page at least and
-        more until `deadline`. True when finished."""
+        more until `deadline`. True when finished.
+
+        The paced lane's waiting users are counted once per poll (a count of up to `lookahead`
+        rows: counted again for every page, a backfill's poll was quadratic); the pages staged
+        since add to it. Workers taking users meanwhile only make it an overestimate: the lane
+        never holds more than the lookahead, and the next poll counts again."""
+        waiting: int | None = None
         while True:
             async with self.pool.acquire() as conn, conn.transaction():
                 cursor = await conn.fetchrow(self.sql["cursor"], "backfill")
                 if cursor is None or cursor["done"]:
                     return True
-                waiting = await conn.fetchval(self.sql["backfill_waiting"], self.lookahead)
+                if waiting is None:
+                    waiting = int(await conn.fetchval(self.sql["backfill_waiting"], self.lookahead))
                 room = min(PAGE_SIZE, self.lookahead - waiting)
                 if room <= 0:
                     return False
@@ -238,6 +248,7 @@ class UserSyncService:
                     )
             result.read += page["read"]
             result.staged += page["staged"]
+            waiting += page["staged"]
             if finished:
                 logger.info("backfill finished: every row that existed at the first start is staged")
                 return True

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
+from typing import Any
+
 import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from usersyncd import db
+from usersyncd import db, poller, source
+from usersyncd.config import Config
 
 pytestmark = pytest.mark.db
 
@@ -51,5 +56,52 @@ async def test_pool_release_sends_no_reset_query(database_url: str) -> None:
         assert "ROLLBACK" in seen
         async with pool.acquire() as again:
             assert await again.fetchval("SELECT count(*) FROM t") == 0
+    finally:
+        await pool.close()
+
+
+class _Counting(dict[str, str]):
+    """The poller's statements, counting how often each is taken."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.taken: Counter[str] = Counter()
+
+    def __getitem__(self, name: str) -> str:
+        self.taken[name] += 1
+        return super().__getitem__(name)
+
+
+@pytest.mark.parametrize("lookahead", [100_000, 7_000])
+async def test_backfill_poll_counts_the_paced_lane_once(
+    conn: asyncpg.Connection, seed: Any, database_url: str, lookahead: int
+) -> None:
+    """One poll staging three pages counts the waiting users once per walk, the NULL sweep's and
+    the backfill's (it counted before each page: quadratic in a long backfill), and still stops
+    at the lookahead."""
+    await seed(conn, 12_000)
+    config = Config.model_validate(
+        {
+            "database": {"url": database_url},
+            "api": {"url": "http://127.0.0.1:9", "key": "k"},
+            "source": {"poll_interval": 60.0, "lookback": 0.0},
+        }
+    )
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        async with pool.acquire() as c:
+            await db.migrate(c, "usersync")
+        service = poller.UserSyncService(
+            config, pool, await source.inspect(conn, config.source), work_ready=asyncio.Event()
+        )
+        service.lookahead = lookahead
+        service.sql = counting = _Counting(service.sql)
+        await service.init_cursors()
+        counting.taken.clear()
+        result = await service.poll_once()
+        assert result.staged == min(12_000, lookahead)
+        assert service.sweep_nulls  # the NULL sweep (none here) counts once too
+        assert counting.taken["backfill_waiting"] == 2
+        assert await conn.fetchval("SELECT count(*) FROM usersync.sync_state WHERE lane = 1") == result.staged
     finally:
         await pool.close()
