@@ -123,6 +123,12 @@ class UserSyncService:
         self.last = result
         return result
 
+    def _wake(self, staged: int) -> None:
+        """Workers hear of users as soon as a page is staged, not when the whole poll ends: at a
+        first start the poll stages the lookahead (100,000 users by default, seconds of work)."""
+        if staged:
+            self.work_ready.set()
+
     async def _poll_live(self, result: PollResult) -> bool:
         """Scan from the live cursor minus lookback to the end. True when the end was reached."""
         lookback = timedelta(seconds=self.config.source.lookback)
@@ -154,6 +160,7 @@ class UserSyncService:
                     await conn.execute(self.sql["advance_live"], page["last_updated_at"])
             result.read += page["read"]
             result.staged += page["staged"]
+            self._wake(page["staged"])
             result.live_staged += page["live_staged"]
             staged += page["staged"]
             scanned_at = scanned_at or page["read_at"]
@@ -200,6 +207,7 @@ class UserSyncService:
                 )
             result.read += page["read"]
             result.staged += page["staged"]
+            self._wake(page["staged"])
             waiting += page["staged"]
             if page["read"] < PAGE_SIZE:  # the end: the next poll starts over
                 self._nulls_after = None
@@ -248,6 +256,7 @@ class UserSyncService:
                     )
             result.read += page["read"]
             result.staged += page["staged"]
+            self._wake(page["staged"])
             waiting += page["staged"]
             if finished:
                 logger.info("backfill finished: every row that existed at the first start is staged")

@@ -96,8 +96,13 @@ class Source:
             ), numbered AS (
                 SELECT user_id, updated_at, row_number() OVER () AS n FROM page
             ), fresh AS (
+                -- one index probe per row read (LATERAL ... LIMIT 1), whatever the planner thinks
+                -- of sync_state: a cached plan made while it was small hashed all of it per page
                 SELECT p.user_id, p.updated_at
-                FROM page AS p LEFT JOIN {state}.sync_state AS s ON s.user_id = p.user_id
+                FROM page AS p LEFT JOIN LATERAL (
+                    SELECT s.user_id, s.seen_updated_at FROM {state}.sync_state AS s
+                    WHERE s.user_id = p.user_id LIMIT 1
+                ) AS s ON true
                 WHERE s.user_id IS NULL OR s.seen_updated_at IS DISTINCT FROM p.updated_at
             ), staged AS (
                 INSERT INTO {state}.sync_state AS s (user_id, seen_updated_at, dirty, lane, stage_seq)
