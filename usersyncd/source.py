@@ -93,8 +93,6 @@ class Source:
                 WHERE {where} AND {self.where_filter}
                 ORDER BY {self.table}.{upd}, {self.table}.{uid}  -- the columns (the index's order), not the casts
                 LIMIT {limit}
-            ), numbered AS (
-                SELECT user_id, updated_at, row_number() OVER () AS n FROM page
             ), fresh AS (
                 -- one index probe per row read (LATERAL ... LIMIT 1), whatever the planner thinks
                 -- of sync_state: a cached plan made while it was small hashed all of it per page
@@ -119,15 +117,20 @@ class Source:
                     -- a version not seen yet: newer, or older (updated_at can move backwards)
                     WHERE s.seen_updated_at IS DISTINCT FROM excluded.seen_updated_at
                 RETURNING s.lane
+            ), counted AS (
+                SELECT count(*) AS read FROM page
             )
-            SELECT (SELECT count(*) FROM numbered) AS read,
+            SELECT counted.read,
                    (SELECT count(*) FROM staged) AS staged,
                    (SELECT count(*) FROM staged WHERE lane = 0) AS live_staged,
                    last.updated_at AS last_updated_at, last.user_id AS last_id,
                    {whole} AS whole, statement_timestamp() AS read_at
-            FROM (SELECT 1) AS one
-            LEFT JOIN (SELECT updated_at, user_id FROM numbered ORDER BY n DESC LIMIT 1) AS last
-                ON true
+            FROM counted
+            -- the page's last row, in the order it was read (a row_number() over the page and a
+            -- sort on it cost a seventh of the statement)
+            LEFT JOIN LATERAL (
+                SELECT updated_at, user_id FROM page OFFSET greatest(counted.read - 1, 0) LIMIT 1
+            ) AS last ON true
         """
 
     def fresh_count_sql(self, state_schema: str) -> str:
