@@ -86,6 +86,21 @@ class Source:
                 where += f" AND {upd} < {bound}"
                 whole = f"{bound} >= $5::timestamptz"
             version, limit, lane = f"{upd}", "$3", "$4"
+        if scan == "backfill":
+            # each row once, and none the other scans stage (older than the first start, not
+            # NULL): ON CONFLICT's own check is enough, the probe below was a third of a page
+            fresh = "SELECT user_id, updated_at FROM page"
+        else:
+            # rows already seen (the live lane's lookback, the sweep's rounds) write and lock
+            # nothing: one index probe per row read (LATERAL ... LIMIT 1), whatever the planner
+            # thinks of sync_state (a plan cached while it was small hashed all of it per page)
+            fresh = f"""
+                SELECT p.user_id, p.updated_at
+                FROM page AS p LEFT JOIN LATERAL (
+                    SELECT s.user_id, s.seen_updated_at FROM {state}.sync_state AS s
+                    WHERE s.user_id = p.user_id LIMIT 1
+                ) AS s ON true
+                WHERE s.user_id IS NULL OR s.seen_updated_at IS DISTINCT FROM p.updated_at"""
         return f"""
             WITH page AS (
                 SELECT {uid}::text AS user_id, {version}::timestamptz AS updated_at
@@ -93,15 +108,7 @@ class Source:
                 WHERE {where} AND {self.where_filter}
                 ORDER BY {self.table}.{upd}, {self.table}.{uid}  -- the columns (the index's order), not the casts
                 LIMIT {limit}
-            ), fresh AS (
-                -- one index probe per row read (LATERAL ... LIMIT 1), whatever the planner thinks
-                -- of sync_state: a cached plan made while it was small hashed all of it per page
-                SELECT p.user_id, p.updated_at
-                FROM page AS p LEFT JOIN LATERAL (
-                    SELECT s.user_id, s.seen_updated_at FROM {state}.sync_state AS s
-                    WHERE s.user_id = p.user_id LIMIT 1
-                ) AS s ON true
-                WHERE s.user_id IS NULL OR s.seen_updated_at IS DISTINCT FROM p.updated_at
+            ), fresh AS ({fresh}
             ), staged AS (
                 INSERT INTO {state}.sync_state AS s (user_id, seen_updated_at, dirty, lane, stage_seq)
                 SELECT user_id, updated_at, true, {lane}, 1 FROM fresh
