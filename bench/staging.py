@@ -48,8 +48,9 @@ async def stage_all(url: str, conn: asyncpg.Connection, pool: asyncpg.Pool, rows
             "database": {"url": url, "state_schema": schema},
             "api": {"url": "http://127.0.0.1:9"},
             # rows are a day old: no lookback, so the walk ends when the last page is read
-            # (with one, a first start's backfill finishes no sooner than lookback after it)
-            "source": {"lookback": 0.0},
+            # (with one, a first start's backfill finishes no sooner than lookback after it);
+            # one poll stages them all (a poll's share for the paced lane is poll_interval / 2)
+            "source": {"lookback": 0.0, "poll_interval": 7200.0},
         }
     )
     service = poller.UserSyncService(
