@@ -131,8 +131,13 @@ class ExternalUserApi:
         *,
         batch_id: int | None = None,
         attempt: int | None = None,
+        action: str = "subscribe",
     ) -> Outcome:
-        """POST one batch; HTTP and transport failures come back as an Outcome, never raise."""
+        """POST one batch (`action` "unsubscribe": to api.unsubscribe_path, G12); HTTP and
+        transport failures come back as an Outcome, never raise."""
+        path = self._config.resolve(
+            self._config.unsubscribe_path if action == "unsubscribe" else self._config.batch_path
+        )
         request_id = uuid.uuid4().hex
         body = {"batches": [{"subscribers": list(subscribers)}]}
         started = time.perf_counter()
@@ -140,7 +145,7 @@ class ExternalUserApi:
             # one deadline for the whole exchange: httpx's timeout is per read, and a slow
             # trickle of bytes would otherwise hold a worker (and shutdown) indefinitely
             async with asyncio.timeout(self._config.timeout):
-                content, response = await self._post(body, request_id)
+                content, response = await self._post(path, body, request_id)
         except (httpx.RequestError, TimeoutError) as exc:  # timeouts, refused connections
             outcome = Outcome(
                 kind=OutcomeKind.TRANSIENT,
@@ -155,12 +160,11 @@ class ExternalUserApi:
             )
         else:
             outcome = self._outcome(response, content, request_id, started, len(subscribers))
-        self._log(outcome, batch_id=batch_id, attempt=attempt, users=len(subscribers))
+        self._log(outcome, path=path, batch_id=batch_id, attempt=attempt, users=len(subscribers))
         return outcome
 
-    async def _post(self, body: Any, request_id: str) -> tuple[bytes, httpx.Response]:
+    async def _post(self, path: str, body: Any, request_id: str) -> tuple[bytes, httpx.Response]:
         headers = {"X-Request-Id": request_id}
-        path = self._config.resolve(self._config.batch_path)
         # the bytes httpx's json= writes, by orjson (JSON encoding was a tenth of the daemon's CPU)
         content = usersyncd.records.compact_json(body)
         async with self._client.stream("POST", path, content=content, headers=headers) as response:
@@ -256,10 +260,12 @@ class ExternalUserApi:
         text = self._redact(content.decode("utf-8", errors="replace")).replace("\x00", "\ufffd")
         return text[:BODY_EXCERPT] or None
 
-    def _log(self, outcome: Outcome, *, batch_id: int | None, attempt: int | None, users: int) -> None:
+    def _log(
+        self, outcome: Outcome, *, path: str, batch_id: int | None, attempt: int | None, users: int
+    ) -> None:
         fields: dict[str, Any] = {
             "method": "POST",
-            "path": self._config.resolve(self._config.batch_path),
+            "path": path,
             "status": outcome.status,
             "duration_ms": round(outcome.duration_ms, 1),
             "request_id": outcome.request_id,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from usersyncd import api, db, source
+from usersyncd import api, db, notify, source
 from usersyncd.config import Config
 from usersyncd.errors import UserSyncError
 from usersyncd.quota import Quota
@@ -53,6 +53,18 @@ async def _check_source(conn: asyncpg.Connection, config: Config, report) -> Non
         f"index on ({config.source.updated_at_column}, {config.source.id_column})"
         + ("" if src.has_keyset_index else " is missing: every poll would scan the whole table"),
     )
+    channel = config.source.notify_channel
+    if channel:
+        installed = await notify.trigger_installed(conn, config.source)
+        report(
+            installed,
+            f"trigger usersyncd_notify on {config.source.table} notifies {channel!r}"
+            + (
+                ""
+                if installed
+                else " is missing: changes wait for the next poll; `usersyncd trigger-sql` prints it"
+            ),
+        )
     nulls = await conn.fetchval(src.null_count_sql())
     column = config.source.updated_at_column
     if not nulls:

@@ -116,6 +116,13 @@ async def _with_pool(cfg: config.Config, action: Callable[[Any], Any]) -> Any:
         await pool.close()
 
 
+def cmd_trigger_sql(args: argparse.Namespace) -> int:
+    from usersyncd import notify
+
+    print(notify.trigger_sql(load(args).source), end="")
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from usersyncd import status
 
@@ -369,6 +376,11 @@ COMMANDS: dict[
         _check_options,
     ),
     "migrate": (cmd_migrate, "create or upgrade usersyncd's own tables", None),
+    "trigger-sql": (
+        cmd_trigger_sql,
+        "print the trigger (for the table's owner to run) that NOTIFYs source.notify_channel on changes",
+        None,
+    ),
 }
 
 

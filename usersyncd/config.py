@@ -118,6 +118,11 @@ class SourceConfig(_Section):
     poll_interval: Seconds = 5.0
     lookback: SecondsOrZero = 60.0
     start_from: str = "beginning"
+    on_delete: Literal["ignore", "unsubscribe"] = (
+        "ignore"  # a user whose row is deleted or filtered out (G12)
+    )
+    reconcile_every: SecondsOrZero = 3600.0  # seconds between passes that find deleted rows; 0: off
+    notify_channel: str = ""  # LISTEN here and poll at once when notified; "" = polling only
 
     @field_validator("fields")
     @classmethod
@@ -153,6 +158,16 @@ class SourceConfig(_Section):
             raise ValueError("an RFC 3339 time needs a UTC offset, e.g. 2026-01-01T00:00:00Z")
         return value
 
+    @field_validator("notify_channel")
+    @classmethod
+    def _notify_channel(cls, value: str) -> str:
+        # a plain identifier: the same name in LISTEN, pg_notify() and the printed trigger SQL
+        if value and not re.fullmatch(r"[a-z_][a-z0-9_]*", value):
+            raise ValueError("must be a lower-case SQL identifier (letters, digits, _), e.g. usersyncd_users")
+        if len(value) > 63:  # PostgreSQL would cut a longer name silently
+            raise ValueError("must be at most 63 characters")
+        return value
+
     @property
     def table_parts(self) -> tuple[str, str]:
         """(schema, table); an unqualified name lives in `public`."""
@@ -180,7 +195,13 @@ class ApiConfig(_Section):
     account_id: str = ""  # replaces {account_id} in the paths (Drip: the account number)
     batch_path: str = "/subscribers/batches"
     probe_path: str = ""  # a GET outside the batch quota: `check --api` (Drip: /v2/accounts/{account_id})
+    unsubscribe_path: str = (
+        ""  # source.on_delete = "unsubscribe" (Drip: /v2/{account_id}/unsubscribes/batches)
+    )
     user_agent: str = ""  # default "usersyncd/VERSION"
+    # how an email changed in the table reaches the API (G12): "new_email" renames the subscriber
+    # the API holds under the old one; "none" sends the new email as it is (a new subscriber)
+    rename: Literal["new_email", "none"] = "new_email"
     auth: str = "bearer"
     timeout: Seconds = 30.0
 
@@ -211,7 +232,7 @@ class ApiConfig(_Section):
     def host(self) -> str:
         return urllib.parse.urlsplit(self.url).hostname or ""
 
-    @field_validator("batch_path", "probe_path")
+    @field_validator("batch_path", "probe_path", "unsubscribe_path")
     @classmethod
     def _path(cls, path: str, info: ValidationInfo) -> str:
         if info.field_name == "batch_path" and not path.startswith("/"):
@@ -368,6 +389,15 @@ class Config(_Section):
     log: LogConfig = LogConfig()
     http: HttpConfig = HttpConfig()
 
+    @model_validator(mode="after")
+    def _unsubscribe_path(self) -> Config:
+        if self.source.on_delete == "unsubscribe" and not self.api.unsubscribe_path:
+            raise ValueError(
+                'api.unsubscribe_path: required by source.on_delete = "unsubscribe"'
+                ' (Drip: "/v2/{account_id}/unsubscribes/batches")'
+            )
+        return self
+
     @property
     def secrets(self) -> list[str]:
         """Values that must never appear in output (G9): the key, every database password."""
@@ -484,11 +514,13 @@ def _first_problem(exc: ValidationError) -> str:
     """One line: the dotted key and what is wrong with it (never the value of a secret)."""
     error = exc.errors()[0]
     key = ".".join(str(part) for part in error["loc"]) or "config"
+    message = error["msg"].removeprefix("Value error, ")
+    if not error["loc"] and re.match(r"[a-z_]+\.[a-z_]+: ", message):  # a check across sections names its key
+        key, message = message.split(": ", 1)
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"
     if error["type"] == "missing":
         return f"{key}: required key is missing"
-    message = error["msg"].removeprefix("Value error, ")
     count = exc.error_count()
     more = f" (and {count - 1} more problem{'s' if count > 2 else ''})" if count > 1 else ""
     return f"{key}: {message}{more}"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import asyncpg
 from loguru import logger
 
-from usersyncd import __version__, api, db, pipeline, redrive, source, status, systemd
+from usersyncd import __version__, api, db, pipeline, reconcile, redrive, source, status, systemd
 from usersyncd.config import Config
 from usersyncd.errors import DatabaseError, UserSyncError
 from usersyncd.metrics import READY_TIMEOUT, Metrics, SnapshotCache
@@ -77,7 +77,8 @@ class Daemon:
                 self.pool = await db.wait_for_pool(
                     cfg.database.url,
                     min_size=1,
-                    max_size=cfg.queue.concurrency + 4,
+                    # + the change listener's connection, held while running (source.notify_channel)
+                    max_size=cfg.queue.concurrency + 4 + bool(cfg.source.notify_channel),
                     stop=self.stop,
                     waiting=self._waiting_for_database,
                 )
@@ -149,9 +150,13 @@ class Daemon:
         await self._register()
         tasks = {
             asyncio.create_task(self.poller.run(self.stop), name="poller"),
+            asyncio.create_task(self.poller.run_rereads(self.stop), name="lookback re-read"),
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(
                 redrive.run(self.pool, cfg.database.state_schema, cfg.retry, self.stop), name="redrive"
+            ),
+            asyncio.create_task(
+                reconcile.run(reconcile.Reconciler(cfg, self.pool, self.source), self.stop), name="reconcile"
             ),
         }
         workers = {

@@ -111,5 +111,6 @@ def render_history(rows: list[dict[str, Any]]) -> str:
             + f"  {r['kind']:8} {r['batch_id'] or '':>6} {r['users'] or '':>5} {r['status'] or '':>6}"
             f"  {r['outcome'] or 'in flight':12} {duration:>8}  {r['request_id'] or ''} / {r['response_request_id'] or ''}"
             + (f"  {r['error'][:80]}" if r["error"] else "")
+            + ("  [unsubscribe]" if r.get("action") == "unsubscribe" else "")
         )
     return "\n".join(lines)

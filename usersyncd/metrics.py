@@ -25,6 +25,14 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("usersyncd_requests", "Batch requests by outcome.", ["outcome"], registry=r)
         self.users_synced = Counter("usersyncd_users_synced", "Users the API accepted.", registry=r)
+        self.unsubscribed = Counter(
+            "usersyncd_users_unsubscribed", "Users whose unsubscribe the API accepted (G12).", registry=r
+        )
+        self.gone = Gauge(
+            "usersyncd_gone_users",
+            "Users the API holds subscribed whose row is deleted or filtered out (G12).",
+            registry=r,
+        )
         self.dead_lettered = Counter(
             "usersyncd_users_dead_lettered", "Users put in failures.", ["kind"], registry=r
         )
@@ -86,6 +94,7 @@ class Metrics:
         self.drain_eta.set(status.drain_eta)
         self.queued_batches.set(status.open_batches)
         self.open_failures.set(status.open_failures)
+        self.gone.set(status.gone)
         for reason in ("rate_limited", "credentials", "configuration"):
             self.paused.labels(reason=reason).set(1 if status.paused == reason else 0)
         self.up.set(1)

@@ -9,17 +9,21 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, NamedTuple
 
 import asyncpg
 
-from usersyncd import db
+from usersyncd import db, records
 
-LANES = ("live", "backfill", "wave", "redrive")  # sync_state.lane: taken in this order
+# sync_state.lane, taken in this order: live changes; paced ones (the backfill and waves, one
+# slot apart); redrives (G13). 2 is not used (waves share the paced lane).
+LANES = {0: "live", 1: "paced", 3: "redrive"}
+SUBSCRIBE, UNSUBSCRIBE = "subscribe", "unsubscribe"  # batches.action: which endpoint (G12)
 
 
 def lane_name(lane: int) -> str:
-    return LANES[lane] if 0 <= lane < len(LANES) else f"lane {lane}"
+    return LANES.get(lane, f"lane {lane}")
 
 
 @dataclass
@@ -32,6 +36,7 @@ class Batch:
     last_status: int | None = None  # of the last attempt that failed (persisted)
     last_error: str | None = None
     last_kind: str | None = None  # 'exhausted' (the API's answers) or 'error' (preparing it)
+    action: str = SUBSCRIBE  # or UNSUBSCRIBE: users whose row is gone (G12)
 
 
 class Sent(NamedTuple):
@@ -43,6 +48,27 @@ class Sent(NamedTuple):
     seq: int  # its stage_seq when read: staged again since means send again
     email: str | None  # the email the API keys it by now (G12)
     tags: str | None  # the tags sent, as JSON (removed ones go as remove_tags later)
+    again: bool = False  # sent with another email than its row's (a rename finished first): again
+
+
+class Known(NamedTuple):
+    """A user's state before its row is read: what the API last accepted, when it was staged."""
+
+    sent_hash: bytes | None
+    seq: int  # stage_seq
+    prior: records.Prior  # the email, pending rename and tags last accepted (G12)
+    unsubscribed_at: datetime | None = None  # the API accepted its unsubscribe (G12)
+
+
+def _known(row: asyncpg.Record) -> Known:
+    """A user's `Known` from a row of `user_state` (or `take_ready`: the same columns)."""
+    tags = row["sent_tags"]
+    return Known(
+        row["sent_hash"],
+        row["stage_seq"],
+        records.Prior(row["sent_email"], row["pending_email"], json.loads(tags) if tags is not None else None),
+        row["unsubscribed_at"],
+    )
 
 
 @dataclass(frozen=True)
@@ -70,6 +96,9 @@ class Queue:
     async def has_live_ready(self) -> bool:
         return bool(await self.pool.fetchval(self.sql["has_live_ready"]))
 
+    async def has_paced_ready(self) -> bool:
+        return bool(await self.pool.fetchval(self.sql["has_paced_ready"]))
+
     async def claim_open_batch(self) -> Batch | None:
         """A released or abandoned batch, if one is due."""
         row = await self.pool.fetchrow(self.sql["claim_open_batch"], self.name, self.worker, self.lease)
@@ -84,29 +113,58 @@ class Queue:
             last_status=row["last_status"],
             last_error=row["last_error"],
             last_kind=row["last_kind"],
+            action=row["action"],
         )
 
     async def new_batch(self) -> Batch:
         batch_id = await self.pool.fetchval(self.sql["new_batch"], self.name, self.worker, self.lease)
         return Batch(batch_id, [])
 
-    async def take_ready(self, batch: Batch, limit: int) -> dict[str, tuple[int, bytes | None, int]]:
-        """Move up to `limit` ready users into the batch (live lane first): {user id: (lane, hash
-        the API last accepted, stage_seq)}, the last two as `user_state` gives them."""
+    async def take_ready(
+        self, batch: Batch, limit: int, *, by_action: bool = False, decide: bool = False
+    ) -> dict[str, tuple[int, Known]]:
+        """Move up to `limit` ready users into the batch (live lane first): {user id: (lane,
+        state)}, the state as `user_state` gives it (read in the same statement: no round trip
+        more per batch). `by_action` (on_delete = "unsubscribe"): only users of the batch's
+        action, which the first ready user decides when `decide` (a gone user: an unsubscribe batch)."""
+        gone = None if decide else batch.action == UNSUBSCRIBE
         async with self.pool.acquire() as conn, conn.transaction():
             # one worker forms at a time, so two never split the tail of a backlog (G2)
             await conn.execute(self.sql["form_lock"], self.name)
-            rows = await conn.fetch(self.sql["take_ready"], batch.id, limit)
-        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+            rows = await conn.fetch(self.sql["take_ready"], batch.id, limit, gone, by_action)
+        if by_action and rows and decide:
+            batch.action = UNSUBSCRIBE if rows[0]["gone"] else SUBSCRIBE
+        return {r["user_id"]: (r["lane"], _known(r)) for r in rows}
 
-    async def user_state(self, user_ids: Sequence[str]) -> dict[str, tuple[bytes | None, int]]:
-        """{user id: (hash the API last accepted, stage_seq)}: read before the users' rows."""
+    async def user_state(self, user_ids: Sequence[str]) -> dict[str, Known]:
+        """What the API last accepted of these users and their stage_seq: read before their rows."""
         rows = await self.pool.fetch(self.sql["user_state"], db.text_array(user_ids))
-        return {r["user_id"]: (r["sent_hash"], r["stage_seq"]) for r in rows}
+        return {r["user_id"]: _known(r) for r in rows}
+
+    async def mark_pending(self, batch: Batch, pending: dict[str, str]) -> None:
+        """Before a request carrying renames starts: the email each renamed user's subscriber is
+        keyed by should the request land unanswered (G12; `records.subscriber` reads it back)."""
+        if not pending:
+            return
+        ids = sorted(pending)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(self.sql["lock_users"], db.text_array(ids))
+            await conn.execute(self.sql["mark_pending"], batch.id, ids, [pending[u] for u in ids])
+
+    async def clear_pending(self, pending: dict[str, str]) -> None:
+        """The API refused these renames (an answer: nothing of the request was applied)."""
+        if not pending:
+            return
+        ids = sorted(pending)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(self.sql["lock_users"], db.text_array(ids))
+            await conn.execute(self.sql["clear_pending"], ids, [pending[u] for u in ids])
 
     async def set_members(self, batch: Batch, user_ids: Sequence[str], lane: int | None = None) -> None:
         batch.user_ids = list(user_ids)
-        await self.pool.execute(self.sql["set_members"], batch.id, db.text_array(batch.user_ids), lane)
+        await self.pool.execute(
+            self.sql["set_members"], batch.id, db.text_array(batch.user_ids), lane, batch.action
+        )
 
     async def drop_users(
         self, batch: Batch, seqs: dict[str, int], *, settled: dict[str, str] | None = None
@@ -124,6 +182,27 @@ class Queue:
             await conn.execute(
                 self.sql["drop_users"], batch.id, ids, [seqs[u] for u in ids], [settled.get(u) for u in ids]
             )
+
+    async def move_users(self, batch: Batch, gone: dict[str, bool]) -> None:
+        """Users leave the batch, still dirty, for a batch of the other action: `gone` True
+        (their row is deleted or filtered out: to be unsubscribed) or False (back: subscribed)."""
+        for flag in (True, False):
+            ids = sorted(u for u, g in gone.items() if g is flag)
+            if not ids:
+                continue
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(self.sql["lock_users"], db.text_array(ids))
+                await conn.execute(self.sql["move_users"], batch.id, ids, flag)
+
+    async def mark_unsubscribed(self, batch: Batch, seqs: dict[str, int]) -> None:
+        """The API accepted these users' unsubscribe ({user id: stage_seq when read}).
+        Idempotent, like `mark_sent`."""
+        if not seqs:
+            return
+        ids = sorted(seqs)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(self.sql["lock_users"], db.text_array(ids))
+            await conn.execute(self.sql["mark_unsubscribed"], batch.id, ids, [seqs[u] for u in ids])
 
     async def members_of(self, batch: Batch) -> list[str]:
         """The users sync_state puts in the batch (also those taken but not yet recorded)."""
@@ -157,6 +236,7 @@ class Queue:
                 [s.seq for s in ordered],
                 db.text_array([s.email for s in ordered]),
                 [s.tags for s in ordered],
+                [s.again for s in ordered],
             )
 
     async def resolve_failures(self, user_ids: Sequence[str]) -> int:

@@ -16,7 +16,7 @@ import math
 import re
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -24,6 +24,8 @@ MAX_FIELD_LENGTH = 255  # characters; the API's limit for string fields
 EMAIL = "email"  # the API field every subscriber must have
 TIME_ZONE = "time_zone"  # the API field checked against the IANA database
 TAGS = "tags"  # a list the API adds to; those sent before and dropped since go as remove_tags
+NEW_EMAIL = "new_email"  # with EMAIL the old one: the API renames that subscriber (G12)
+REMOVE_TAGS = "remove_tags"
 _EXCERPT = 64  # characters of a bad value quoted in a reason
 _MASK = "***"
 _TOO_LONG = f"longer than {MAX_FIELD_LENGTH} characters"
@@ -114,6 +116,73 @@ def canonical_json(payload: Any) -> bytes:
         except orjson.JSONEncodeError:
             pass
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class Prior(NamedTuple):
+    """What `sync_state` keeps of what the API last accepted for a user (G12). (NamedTuples:
+    one of each per user sent, created twice as fast as a frozen dataclass.)"""
+
+    email: str | None  # the email the API keys its subscriber by; None: never sent (or sent before 0010)
+    pending: str | None  # a rename to this one may have landed unanswered: the API holds one of the two
+    tags: list[Any] | None  # the tags last sent
+
+    def unchanged(self, payload: Mapping[str, Any], sent_hash: bytes | None, digest: bytes) -> bool:
+        """The API holds exactly this payload already, under its email (G4)."""
+        return (
+            sent_hash == digest
+            and self.pending is None
+            and self.email in (None, payload[EMAIL])  # None: sent before emails were kept
+        )
+
+
+NEVER_SENT = Prior(None, None, None)
+
+
+class Subscriber(NamedTuple):
+    """What goes to the API for one user, and what the API holds once it accepts it."""
+
+    body: dict[str, Any]
+    email: str  # the email the API keys the subscriber by once this is accepted
+    pending: str | None  # a rename this body starts: its NEW is kept before sending (`Prior.pending`)
+    again: bool  # the row's email is not `email` yet: the user goes once more after this
+
+
+def subscriber(payload: dict[str, Any], prior: Prior, *, rename: bool) -> Subscriber:
+    """The body for `payload` given what the API last accepted (G12).
+
+    An email changed since the last accepted send goes as {"email": OLD, "new_email": NEW}: the
+    API renames OLD's subscriber (or, OLD gone, takes NEW as it is; Drip documents the latter, so
+    a rename sent twice lands once). A rename whose answer never came leaves the subscriber under
+    OLD or NEW (`prior.pending`); what goes next lands right either way: NEW's payload as the
+    rename again; the row back at OLD as NEW renamed to OLD; a third email as the rename to NEW
+    first (`again`: the third goes next time, once the API holds NEW for certain). Tags sent
+    before and no longer in the payload go as remove_tags (a null `tags` column removes them all).
+    """
+    email = payload[EMAIL]
+    old, alt = prior.email, prior.pending
+    tagged = bool(prior.tags) and TAGS in payload
+    if (not rename or old is None or (old == email and alt is None)) and not tagged:
+        return Subscriber(payload, email, None, False)  # the usual: the row's payload as it is
+    body, holds, pending = payload, email, None
+    if rename and old is not None and (old != email or alt is not None):
+        if alt is None:
+            key, new, pending = old, email, email
+        elif email == old:  # back to OLD while a rename to alt may have landed
+            key, new = alt, old
+        else:  # alt is NEW, or a third email: the API holds OLD or alt, so rename to alt first
+            key, new = old, alt
+        body = {EMAIL: key, NEW_EMAIL: new} | {k: v for k, v in payload.items() if k != EMAIL}
+        holds = new
+    if tagged:
+        assert prior.tags is not None
+        current = payload[TAGS] if isinstance(payload[TAGS], list) else []
+        removed: list[Any] = []
+        for tag in prior.tags:
+            if tag not in current and tag not in removed:
+                removed.append(tag)
+        if removed:
+            body = {**body, REMOVE_TAGS: removed}
+    return Subscriber(body, holds, pending, holds != email)
 
 
 def tags_json(payload: Mapping[str, Any]) -> str | None:

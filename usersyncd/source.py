@@ -23,6 +23,15 @@ TIMESTAMP_TYPES = ("timestamp with time zone", "timestamp without time zone")
 NULL_VERSION = "-infinity"
 
 
+# Which rows p (user_id, updated_at, passes) of a scan are staged, against their sync_state row s:
+# a version not seen yet, or a row that passes again; a known user's row that fails the filter
+# (never an unknown one's: nothing to send for it), unless seen so already.
+STAGED = """CASE WHEN p.passes
+                THEN s.user_id IS NULL OR s.seen_updated_at IS DISTINCT FROM p.updated_at OR s.gone
+                ELSE s.user_id IS NOT NULL
+                     AND (s.seen_updated_at IS DISTINCT FROM p.updated_at OR NOT s.gone) END"""
+
+
 @dataclass(frozen=True)
 class Source:
     """The users table as found in the catalog, with the SQL to read it."""
@@ -57,19 +66,27 @@ class Source:
 
         `scan` is "live", "backfill" or "nulls". Parameters:
         live      $1 start updated_at, $2 start id (text; NULL without has_cursor_id), $3 page
-                  size, $4 lane (live, or paced for a wave);
+                  size, $4 lane (live, or paced for a wave), $5 how many more the live lane
+                  may take in: a page with more new versions goes to the paced lane (a wave
+                  committed after the poll counted it must not fill the live lane);
         backfill  the same, then $5 the first start (exclusive upper bound on updated_at) and
                   $6 lookback: a row stamped less than `lookback` before the statement may
                   still be committed late, so the walk waits for it (`whole`: it did not wait);
         nulls     $1 start id, $2 page size, $3 lane: rows whose updated_at is NULL, by id.
         A row whose version (updated_at; '-infinity' for NULL) sync_state has already seen is
-        left alone: re-reading the lookback writes and locks nothing. Returns rows read, users
-        staged (and of them in the live lane), the last key of the page, and when the
-        statement began (its snapshot is no older)."""
+        left alone: re-reading the lookback writes and locks nothing. The live scan also reads
+        rows that fail `source.filter`: a user sync_state knows whose row was updated out of the
+        filter is staged `gone` at once (G12), and one whose row passes again is no longer gone.
+        Returns rows read, users staged (and of them in the live lane), the last key of the
+        page, and when the statement began (its snapshot is no older)."""
         upd = db.quote_ident(self.config.updated_at_column)
         uid = db.quote_ident(self.config.id_column)
         state = db.quote_ident(state_schema)
         whole = "true"
+        # the live scan reads every changed row and tells those that pass the filter
+        passes, where_filter = ("true", self.where_filter)
+        if scan == "live":
+            passes, where_filter = (f"{self.where_filter} IS TRUE", "true")
         if scan == "nulls":
             start = f"{uid} > $1::text::{self.id_type}" if has_cursor_id else "$1::text IS NULL"
             where, version, limit, lane = f"{upd} IS NULL AND {start}", "'-infinity'", "$2", "$3"
@@ -86,43 +103,50 @@ class Source:
                 where += f" AND {upd} < {bound}"
                 whole = f"{bound} >= $5::timestamptz"
             version, limit, lane = f"{upd}", "$3", "$4"
+            if scan == "live":
+                lane = "CASE WHEN $4 = 0 AND (SELECT count(*) FROM fresh) > $5 THEN 1 ELSE $4 END"
         if scan == "backfill":
             # each row once, and none the other scans stage (older than the first start, not
-            # NULL): ON CONFLICT's own check is enough, the probe below was a third of a page
-            fresh = "SELECT user_id, updated_at FROM page"
+            # NULL, read whether it passes or not only by the live scan): ON CONFLICT's own
+            # check is enough (it is STAGED's for a row that passes), the probe below was a
+            # third of a page
+            fresh = "SELECT user_id, updated_at, NOT passes AS gone FROM page"
         else:
             # rows already seen (the live lane's lookback, the sweep's rounds) write and lock
             # nothing: one index probe per row read (LATERAL ... LIMIT 1), whatever the planner
             # thinks of sync_state (a plan cached while it was small hashed all of it per page)
             fresh = f"""
-                SELECT p.user_id, p.updated_at
+                SELECT p.user_id, p.updated_at, NOT p.passes AS gone
                 FROM page AS p LEFT JOIN LATERAL (
-                    SELECT s.user_id, s.seen_updated_at FROM {state}.sync_state AS s
+                    SELECT s.user_id, s.seen_updated_at, s.gone FROM {state}.sync_state AS s
                     WHERE s.user_id = p.user_id LIMIT 1
                 ) AS s ON true
-                WHERE s.user_id IS NULL OR s.seen_updated_at IS DISTINCT FROM p.updated_at"""
+                WHERE {STAGED}"""
         return f"""
             WITH page AS (
-                SELECT {uid}::text AS user_id, {version}::timestamptz AS updated_at
+                SELECT {uid}::text AS user_id, {version}::timestamptz AS updated_at, {passes} AS passes
                 FROM {self.table}
-                WHERE {where} AND {self.where_filter}
+                WHERE {where} AND {where_filter}
                 ORDER BY {self.table}.{upd}, {self.table}.{uid}  -- the columns (the index's order), not the casts
                 LIMIT {limit}
             ), fresh AS ({fresh}
             ), staged AS (
-                INSERT INTO {state}.sync_state AS s (user_id, seen_updated_at, dirty, lane, stage_seq)
-                SELECT user_id, updated_at, true, {lane}, 1 FROM fresh
+                INSERT INTO {state}.sync_state AS s (user_id, seen_updated_at, dirty, lane, stage_seq, gone)
+                SELECT user_id, updated_at, true, {lane}, 1, gone FROM fresh
                 ORDER BY user_id  -- every writer of sync_state locks rows in user_id order
                 ON CONFLICT (user_id) DO UPDATE
                     SET seen_updated_at = excluded.seen_updated_at,
+                        gone = excluded.gone,
                         dirty = true,
                         stage_seq = s.stage_seq + 1,
                         -- a user already waiting keeps the faster lane; one sent before takes the new one
                         lane = CASE WHEN s.dirty THEN least(s.lane, excluded.lane) ELSE excluded.lane END,
                         dirty_since = CASE WHEN s.dirty THEN s.dirty_since
                                            ELSE clock_timestamp() END
-                    -- a version not seen yet: newer, or older (updated_at can move backwards)
+                    -- a version not seen yet (newer, or older: updated_at can move backwards), or
+                    -- a row that left or came back
                     WHERE s.seen_updated_at IS DISTINCT FROM excluded.seen_updated_at
+                       OR s.gone IS DISTINCT FROM excluded.gone
                 RETURNING s.lane
             ), counted AS (
                 SELECT count(*) AS read FROM page
@@ -141,24 +165,69 @@ class Source:
         """
 
     def fresh_count_sql(self, state_schema: str) -> str:
-        """How many versions not staged yet the live scan will find from $1, counted up to $2
-        (to tell a wave from single changes before staging any)."""
+        """How many rows the live scan will stage from $1, counted up to $2 (to tell a wave from
+        single changes before staging any): rows updated out of the filter count too, so a bulk
+        soft-delete is a wave as a bulk update is (G11)."""
         upd = db.quote_ident(self.config.updated_at_column)
         uid = db.quote_ident(self.config.id_column)
         state = db.quote_ident(state_schema)
         return f"""
             SELECT count(*) FROM (
                 SELECT 1 FROM (
-                    SELECT {uid}::text AS user_id, {upd}::timestamptz AS updated_at
+                    SELECT {uid}::text AS user_id, {upd}::timestamptz AS updated_at,
+                           {self.where_filter} IS TRUE AS passes
                     FROM {self.table}
-                    WHERE {upd} >= $1::timestamptz AND {self.where_filter}
+                    WHERE {upd} >= $1::timestamptz
                 ) AS p
-                WHERE NOT EXISTS (
-                    SELECT 1 FROM {state}.sync_state AS s
-                    WHERE s.user_id = p.user_id AND s.seen_updated_at = p.updated_at
-                )
+                LEFT JOIN {state}.sync_state AS s ON s.user_id = p.user_id
+                WHERE {STAGED}
                 LIMIT $2
             ) AS fresh
+        """
+
+    def reconcile_sql(self, state_schema: str, *, has_cursor_id: bool) -> str:
+        """One chunk of the reconciliation pass (G12): the next $2 users of sync_state after $1
+        (by user_id, its primary key), and of them those the API holds subscribed (an accepted
+        email, not unsubscribed, not waiting: a waiting user's row is read anyway) with no row
+        that passes the filter (an anti-join by the source's id) are marked `gone`, dirty with
+        $3 (on_delete = "unsubscribe": they wait, paced, for an unsubscribe batch). With $3
+        false a user already gone is left alone. Returns users checked, the last one, users found."""
+        uid = db.quote_ident(self.config.id_column)
+        state = db.quote_ident(state_schema)
+        after = "user_id > $1::text" if has_cursor_id else "$1::text IS NULL"
+        return f"""
+            WITH chunk AS (
+                SELECT user_id, dirty, batch_id, gone, sent_email, unsubscribed_at
+                FROM {state}.sync_state WHERE {after} ORDER BY user_id LIMIT $2
+            ), missing AS (
+                SELECT c.user_id AS "__usersyncd_id" FROM chunk AS c
+                WHERE c.sent_email IS NOT NULL AND c.unsubscribed_at IS NULL
+                  AND NOT c.dirty AND c.batch_id IS NULL AND (NOT c.gone OR $3::boolean)
+                  AND NOT EXISTS (
+                      SELECT 1 FROM {self.table}
+                      WHERE {self.table}.{uid} = c.user_id::{self.id_type} AND {self.where_filter}
+                  )
+            ), locked AS (
+                SELECT s.user_id FROM {state}.sync_state AS s
+                WHERE s.user_id IN (SELECT "__usersyncd_id" FROM missing)
+                ORDER BY s.user_id  -- every writer of sync_state locks rows in user_id order
+                FOR UPDATE
+            ), marked AS (
+                UPDATE {state}.sync_state AS s
+                SET gone = true,
+                    dirty = $3::boolean,
+                    stage_seq = s.stage_seq + 1,
+                    -- paced: a deletion found late waits behind live changes (G11)
+                    lane = CASE WHEN $3::boolean THEN 1 ELSE s.lane END,
+                    dirty_since = CASE WHEN $3::boolean THEN clock_timestamp() ELSE s.dirty_since END
+                FROM locked
+                -- rechecked on the locked row: staged or taken into a batch since, it is read anyway
+                WHERE s.user_id = locked.user_id AND NOT s.dirty AND s.batch_id IS NULL
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM chunk) AS checked,
+                   (SELECT user_id FROM chunk ORDER BY user_id DESC LIMIT 1) AS last_id,
+                   (SELECT count(*) FROM marked) AS found
         """
 
     def null_count_sql(self) -> str:

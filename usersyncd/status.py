@@ -19,7 +19,7 @@ from usersyncd.quota import Quota
 
 LIVE_AFTER = 30.0  # seconds: a process whose heartbeat is older is taken for dead
 ESTIMATE_ABOVE = 100_000  # rows: past this, a count for the metrics is the planner's estimate
-COUNTS = ("live_ready", "backfill_ready", "in_batches", "open_batches", "open_failures")
+COUNTS = ("live_ready", "backfill_ready", "in_batches", "open_batches", "open_failures", "gone")
 
 
 @dataclass
@@ -42,6 +42,9 @@ class Status:
     live_processes: list[dict[str, Any]]
     cursors: dict[str, dict[str, Any]]
     drain_eta: float  # seconds to send the whole backlog at full quota
+    gone: int = 0  # users the API holds subscribed whose row is deleted or filtered out (G12)
+    on_delete: str = "ignore"  # what is done for them
+    reconcile: dict[str, Any] | None = None  # the last reconciliation pass and the one under way
     estimated: list[str] = field(default_factory=list)  # counts that are planner estimates
 
     @property
@@ -94,6 +97,7 @@ async def collect(
         cursors = {r["lane"]: dict(r) for r in await conn.fetch(poller_sql["cursors"])}
         wave_ready = await conn.fetchval(poller_sql["wave_waiting"], None if exact else ESTIMATE_ABOVE)
         unstaged = await _unstaged(conn, config, cursors.get("backfill")) if count_unstaged else None
+        passes = await conn.fetchrow(db.queries("reconcile", schema)["state"])
     users = counts["live_ready"] + counts["backfill_ready"] + (unstaged or 0) + counts["in_batches"]
     return Status(
         live_ready=counts["live_ready"],
@@ -121,6 +125,9 @@ async def collect(
             used=state.used,
             next_slot_in=state.next_free_in,
         ),
+        gone=counts["gone"],
+        on_delete=config.source.on_delete,
+        reconcile=dict(passes) if passes is not None else None,
         estimated=estimated,
     )
 
@@ -161,6 +168,25 @@ def render_json(status: Status) -> str:
     return json.dumps(data, default=str, indent=2)
 
 
+def _gone(status: Status) -> str:
+    """Users whose row is deleted or filtered out while the API holds them, and the last pass."""
+    what = {
+        "ignore": "left subscribed at the API (on_delete = ignore)",
+        "unsubscribe": "to unsubscribe (on_delete = unsubscribe)",
+    }[status.on_delete]
+    line = f"{status.gone} {what}"
+    passes = status.reconcile or {}
+    if passes.get("last_pass_seconds") is not None:  # a pass has run
+        line += (
+            f"; last reconcile pass {passes['last_pass_at'].isoformat(timespec='seconds')}:"
+            f" {passes['last_pass_checked']} users checked in {passes['last_pass_seconds']:.1f} s,"
+            f" {passes['last_pass_found']} found"
+        )
+    if passes.get("pass_started_at") is not None:
+        line += f"; a pass under way ({passes['pass_checked']} checked)"
+    return line
+
+
 def render_text(status: Status) -> str:
     def ago(moment: datetime | None) -> str:
         return moment.isoformat(timespec="seconds") if moment else "never"
@@ -179,6 +205,7 @@ def render_text(status: Status) -> str:
         f" next slot frees in {status.next_slot_in:.1f} s",
         f"drain ETA:      {status.drain_eta:.0f} s at full quota",
         f"open failures:  {status.open_failures}",
+        f"gone:           {_gone(status)}",
         f"last success:   {ago(status.last_success)}",
         f"paused:         {pause}",
         f"live workers:   {len(status.live_processes)} process(es)"

@@ -15,7 +15,8 @@ its attempts and, once they run out, dead-letters the batch's users (kind `error
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import functools
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -26,7 +27,7 @@ from usersyncd import api, db, former, outcomes, reading, records
 from usersyncd.config import Config
 from usersyncd.errors import Stopping, TransientDeliveryError, UserSyncError
 from usersyncd.metrics import Metrics
-from usersyncd.queue import Batch, Queue, Sent
+from usersyncd.queue import UNSUBSCRIBE, Batch, Queue, Sent
 from usersyncd.quota import Quota, Slot
 from usersyncd.source import Source
 
@@ -203,6 +204,8 @@ class SyncUserBatch:
         batch = state.batch
         assert batch is not None
         try:
+            # before the request starts: a rename that lands unanswered is known to be possible
+            await self.queue.mark_pending(batch, {m.user_id: m.pending for m in members if m.pending})
             held = await self.queue.hold(batch)
             # the ledger holds the real start, not the grant
             confirmed = await self.quota.confirm(slot) if held else None
@@ -219,7 +222,9 @@ class SyncUserBatch:
         if self.stop.is_set():  # no new request starts after SIGTERM
             await self.quota.release(slot)
             raise Stopping()
-        outcome = await self.client.send([m.payload for m in members], batch_id=batch.id, attempt=attempt_no)
+        subscribers = [m.payload for m in members]
+        subscribers += [{records.EMAIL: m.also} for m in members if m.also]  # unsubscribes' other email
+        outcome = await self.client.send(subscribers, batch_id=batch.id, attempt=attempt_no, action=batch.action)
         await self.quota.record(slot, **outcome.ledger_fields())
         self.metrics.observe_request(outcome.kind.value, outcome.duration_ms)
         log = self.log.bind(
@@ -242,15 +247,22 @@ class SyncUserBatch:
     async def record_sent(self, batch: Batch, members: Sequence[former.Member]) -> None:
         """The API accepted `members`: remember it, whatever it takes. Bookkeeping that fails
         after the answer is retried on its own and never sends the batch again (G4)."""
-        sent = [
-            Sent(m.user_id, m.hash, m.read_at, m.seq, m.payload.get(records.EMAIL), records.tags_json(m.payload))
-            for m in members
-        ]
+        mark: Callable[[], Awaitable[None]]
+        if batch.action == UNSUBSCRIBE:
+            mark = functools.partial(self.queue.mark_unsubscribed, batch, {m.user_id: m.seq for m in members})
+            self.metrics.unsubscribed.inc(len(members))
+        else:
+            sent = [
+                Sent(m.user_id, m.hash, m.read_at, m.seq, m.email, records.tags_json(m.payload), m.again)
+                for m in members
+                if m.read_at is not None  # every subscribe has one (only an unsubscribe has none)
+            ]
+            mark = functools.partial(self.queue.mark_sent, batch, sent)
         delay = 0.2
         while True:
             try:
                 # stop=None: a lost database is waited for, even while stopping
-                await db.retrying(lambda: self.queue.mark_sent(batch, sent), what="mark sent")
+                await db.retrying(mark, what="mark sent")
                 break
             except Exception as exc:
                 self.log.bind(batch_id=batch.id, retry_in=delay, error=str(exc)[:200]).warning(
@@ -301,7 +313,9 @@ class SyncUserBatch:
     async def dead_letter(
         self, batch: Batch, kind: str, members: Sequence[former.Member], outcome: api.Outcome, attempt_no: int
     ) -> None:
-        """These members to failures with the API's answer."""
+        """These members to failures with the API's answer (a refusal: the renames they started
+        did not land, G12)."""
+        await self.queue.clear_pending({m.user_id: m.pending for m in members if m.pending})
         await self._dead_letter_users(
             batch,
             kind,
@@ -310,7 +324,7 @@ class SyncUserBatch:
             http_status=outcome.status,
             attempts=attempt_no,
             request_id=outcome.request_id,
-            payload={"subscribers": [m.payload for m in members]},
+            payload=failure_payload(batch, members),
         )
 
     # -- dead letters ----------------------------------------------------------------------
@@ -382,9 +396,9 @@ class SyncUserBatch:
                     raise
         if members is not None:
             seqs = {m.user_id: m.seq for m in members}
-            payload: Any = {"subscribers": [m.payload for m in members]}
+            payload: Any = failure_payload(batch, members)
         else:  # preparing is what fails: the users as they are in the batch
-            seqs = {u: seq for u, (_, seq) in (await self.queue.user_state(ids)).items()}
+            seqs = {u: known.seq for u, known in (await self.queue.user_state(ids)).items()}
             seqs |= {u: 0 for u in ids if u not in seqs}
             payload = None
         if not seqs:
@@ -427,6 +441,14 @@ class SyncUserBatch:
             retry_in=round(wait, 3),
             cause=str(exc)[:200],
         ).warning("batch attempt failed; retrying")
+
+
+def failure_payload(batch: Batch, members: Sequence[former.Member]) -> dict[str, Any]:
+    """What a failure keeps of the request: its subscribers, and the action when not a subscribe."""
+    payload: dict[str, Any] = {"subscribers": [m.payload for m in members]}
+    if batch.action == UNSUBSCRIBE:
+        payload["action"] = UNSUBSCRIBE
+    return payload
 
 
 def confined(exc: BaseException) -> bool:

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.db
 STATE_TABLES = {
     "cursors",
     "sync_state",
+    "reconcile",
     "batches",
     "requests",
     "failures",

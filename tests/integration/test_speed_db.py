@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from usersyncd import db, poller, source
+from usersyncd import db, poller, queue, records, source
 from usersyncd.config import Config
 
 pytestmark = pytest.mark.db
@@ -103,5 +103,30 @@ async def test_backfill_poll_counts_the_paced_lane_once(
         assert service.sweep_nulls  # the NULL sweep (none here) counts once too
         assert counting.taken["backfill_waiting"] == 2
         assert await conn.fetchval("SELECT count(*) FROM usersync.sync_state WHERE lane = 1") == result.staged
+    finally:
+        await pool.close()
+
+
+async def test_take_ready_reads_what_user_state_reads(conn: asyncpg.Connection, database_url: str) -> None:
+    """The former prepares the users `take_ready` took with the state it returned (no
+    `user_state` round trip): the same `Known` as `user_state` gives, renames, tags and
+    unsubscribes included (a column missing from its RETURNING fails this)."""
+    await db.migrate(conn, "usersync")
+    await conn.execute(
+        "INSERT INTO usersync.sync_state (user_id, seen_updated_at, dirty, lane, stage_seq, sent_hash,"
+        " sent_email, pending_email, sent_tags, unsubscribed_at, gone)"
+        " VALUES ('1', now(), true, 0, 3, '\\x01', 'a@x.io', 'b@x.io', '[\"t\"]', NULL, false),"
+        " ('2', now(), true, 1, 1, NULL, NULL, NULL, NULL, NULL, false),"
+        " ('3', now(), true, 1, 2, NULL, 'c@x.io', NULL, NULL, now(), false)"
+    )
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        q = queue.Queue(pool, "usersync", "user-sync", worker="test/w0", lease=30.0)
+        expected = await q.user_state(["1", "2", "3"])
+        assert expected["1"].prior == records.Prior("a@x.io", "b@x.io", ["t"])
+        assert expected["3"].unsubscribed_at is not None
+        taken = await q.take_ready(await q.new_batch(), 10)
+        assert {u: lane for u, (lane, _) in taken.items()} == {"1": 0, "2": 1, "3": 1}
+        assert {u: known for u, (_, known) in taken.items()} == expected
     finally:
         await pool.close()

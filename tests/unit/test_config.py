@@ -46,6 +46,15 @@ def test_example_config_loads_with_documented_defaults() -> None:
     assert config.queue.name == "user-sync" and config.queue.retry_after == 90.0
     assert config.source.table_parts == ("public", "users")
     assert config.http.address == ("127.0.0.1", 9187)
+    assert config.source.notify_channel == ""  # polling only, unless the operator opts in
+
+
+def test_api_rename_defaults_to_new_email_and_takes_none_only(tmp_path: Path) -> None:
+    """api.rename: "new_email" by default, "none" allowed, anything else one line (G12)."""
+    assert load_config(write(tmp_path, GOOD), environ={}).api.rename == "new_email"
+    assert load_config(write(tmp_path, GOOD + 'rename = "none"\n'), environ={}).api.rename == "none"
+    with pytest.raises(ConfigError, match=r"^api\.rename: "):
+        load_config(write(tmp_path, GOOD + 'rename = "email"\n'), environ={})
 
 
 def test_margin_defaults_to_one_percent_of_window(tmp_path: Path) -> None:
@@ -140,6 +149,12 @@ BAD_CASES = [
         GOOD + '[source]\nstart_from = "yesterday"\n',
         "source.start_from",
         "RFC 3339",
+    ),
+    (
+        "notify channel not an identifier",
+        GOOD + '[source]\nnotify_channel = "users; DROP TABLE users"\n',
+        "source.notify_channel",
+        "identifier",
     ),
     ("bad log format", GOOD + '[log]\nformat = "xml"\n', "log.format", "json"),
     ("bad listen", GOOD + '[http]\nlisten = "nowhere"\n', "http.listen", "HOST:PORT"),

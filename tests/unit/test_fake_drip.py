@@ -95,6 +95,35 @@ async def test_rename_moves_the_record_and_refuses_a_taken_email(
     assert set(fake.state) == {"b@x.io", "c@x.io"}  # the whole batch refused
 
 
+async def test_rename_sent_again_after_it_landed_updates_the_renamed_one(
+    fake: FakeApi, client: httpx.AsyncClient
+) -> None:
+    """Drip: with no subscriber under `email`, `new_email` is the subscriber (created or
+    updated): a rename whose answer was lost and that is sent again lands once, no clash."""
+    await client.post(SUBS, json=batch({"email": "a@x.io", "first_name": "A", "tags": ["t"]}))
+    rename = {"email": "a@x.io", "new_email": "c@x.io", "last_name": "Z"}
+    assert (await client.post(SUBS, json=batch(rename))).status_code == 201
+    assert (await client.post(SUBS, json=batch(rename))).status_code == 201  # a@ is gone now
+    assert fake.state == {
+        "c@x.io": {"email": "c@x.io", "status": "active", "first_name": "A", "last_name": "Z", "tags": ["t"]}
+    }
+    r = await client.post(SUBS, json=batch({"email": "nobody@x.io", "new_email": "e@x.io"}))
+    assert r.status_code == 201 and set(fake.state) == {"c@x.io", "e@x.io"}  # created under new_email
+
+
+async def test_a_swap_is_refused_whole(fake: FakeApi, client: httpx.AsyncClient) -> None:
+    await client.post(SUBS, json=batch({"email": "a@x.io", "first_name": "A"}, {"email": "b@x.io", "first_name": "B"}))
+    before = {e: dict(s) for e, s in fake.state.items()}
+    swap = batch({"email": "a@x.io", "new_email": "b@x.io"}, {"email": "b@x.io", "new_email": "a@x.io"})
+    r = await client.post(SUBS, json=swap)
+    assert r.status_code == 422 and r.json() == {
+        "errors": [
+            {"code": "uniqueness_error", "attribute": "new_email", "message": "New email has already been taken"}
+        ]
+    }
+    assert fake.state == before
+
+
 async def test_tags_unsubscribes_and_reactivation(fake: FakeApi, client: httpx.AsyncClient) -> None:
     await client.post(SUBS, json=batch({"email": "a@x.io", "tags": ["z", "b"]}, {"email": "b@x.io"}))
     await client.post(SUBS, json=batch({"email": "a@x.io", "tags": ["c"], "remove_tags": ["z"]}))

@@ -39,7 +39,7 @@ DRIP_EMAIL_INVALID = {
 }
 DRIP_EMAIL_TAKEN = {
     "errors": [
-        {"code": "uniqueness_error", "attribute": "new_email", "message": "New email is already subscribed"}
+        {"code": "uniqueness_error", "attribute": "new_email", "message": "New email has already been taken"}
     ]
 }
 _NOT_MERGED = ("email", "new_email", "tags", "remove_tags", "status")
@@ -72,12 +72,15 @@ def check_flavour(flavour: str) -> None:
 
 
 def rename_clash(state: dict[str, dict[str, Any]], subs: list[dict[str, Any]]) -> bool:
-    """Would a `new_email` in this batch land on an email another subscriber holds?"""
+    """Would a `new_email` in this batch land on an email another subscriber holds? Drip
+    renames `email`'s subscriber; when there is none, it takes `new_email` as the subscriber
+    ("this address will be used to create a new subscriber"; one that exists is updated, as
+    any create-or-update by email): so a rename sent again after it landed is no clash."""
     targets: set[str] = set()
     for sub in subs:
         new = sub.get("new_email")
         if isinstance(new, str) and new != sub["email"]:
-            if new in state or new in targets:
+            if (new in state and sub["email"] in state) or new in targets:
                 return True
             targets.add(new)
     return False
@@ -89,7 +92,8 @@ def apply_drip(state: dict[str, dict[str, Any]], subs: list[dict[str, Any]], sen
     for sub in subs:
         email, new = sub["email"], sub.get("new_email")
         key = new if isinstance(new, str) and new else email
-        record = state.pop(email, None) if key != email else state.get(email)
+        # a rename moves `email`'s subscriber; with none under `email`, `new_email`'s is taken
+        record = state.pop(email) if key != email and email in state else state.get(key)
         record = dict(record) if record is not None else {"status": "active"}
         for name, value in sub.items():
             if name in _NOT_MERGED:

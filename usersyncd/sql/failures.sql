@@ -42,10 +42,12 @@ SET dirty = true, lane = 0, dirty_since = clock_timestamp(), sent_hash = NULL,
     stage_seq = s.stage_seq + 1;
 
 -- history --
--- The request log, newest first ($1 since or NULL, $2 at most this many rows).
-SELECT id, started_at, kind, batch_id, attempt, users, status, outcome, duration_ms,
-       request_id, response_request_id, error
-FROM {schema}.requests
-WHERE kind <> 'external' AND ($1::timestamptz IS NULL OR started_at >= $1)
-ORDER BY started_at DESC
+-- The request log, newest first ($1 since or NULL, $2 at most this many rows), with the action
+-- of its batch (subscribe or unsubscribe; NULL once the batch is pruned).
+SELECT r.id, r.started_at, r.kind, r.batch_id, r.attempt, r.users, r.status, r.outcome, r.duration_ms,
+       r.request_id, r.response_request_id, r.error, b.action
+FROM {schema}.requests r
+LEFT JOIN {schema}.batches b ON b.id = r.batch_id
+WHERE r.kind <> 'external' AND ($1::timestamptz IS NULL OR r.started_at >= $1)
+ORDER BY r.started_at DESC
 LIMIT $2;

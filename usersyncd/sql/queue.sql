@@ -16,6 +16,11 @@ SELECT EXISTS (SELECT 1 FROM {schema}.sync_state WHERE dirty AND batch_id IS NUL
 -- Is a user of the live lane waiting? (they are not held to the backfill's pace)
 SELECT EXISTS (SELECT 1 FROM {schema}.sync_state WHERE dirty AND batch_id IS NULL AND lane = 0);
 
+-- has_paced_ready --
+-- Is a user of the paced lane waiting? (then the quota is spent at the pace: live users ride
+-- at the head of the next paced batch instead of taking a slot ahead of it)
+SELECT EXISTS (SELECT 1 FROM {schema}.sync_state WHERE dirty AND batch_id IS NULL AND lane = 1);
+
 -- claim_open_batch --
 -- Take a released batch that is due, or one whose worker vanished (lease expired).
 -- Its users are those sync_state still puts in it: a worker killed between taking users and
@@ -34,7 +39,7 @@ WHERE b.id = (
     LIMIT 1
     FOR UPDATE SKIP LOCKED
 )
-RETURNING b.id, b.lane, b.user_ids, b.attempts, b.last_status, b.last_error, b.last_kind;
+RETURNING b.id, b.lane, b.action, b.user_ids, b.attempts, b.last_status, b.last_error, b.last_kind;
 
 -- new_batch --
 -- An empty batch, claimed by its creator, that users are then added to.
@@ -47,44 +52,77 @@ RETURNING id;
 SELECT pg_advisory_xact_lock(hashtext('usersyncd.form:' || $1));
 
 -- take_ready --
--- Move up to $2 ready users into batch $1: live lane first, then the oldest waiting. With
--- what the API last accepted and stage_seq (as user_state: read before the users' rows).
+-- Move up to $2 ready users into batch $1: live lane first, then the oldest waiting. With $4
+-- (on_delete = "unsubscribe") a batch is all subscribes or all unsubscribes: only users whose
+-- `gone` is $3, or, for $3 NULL (the batch's first round), the first ready user's. With what
+-- user_state reads of them (read before the users' rows: no round trip more per batch).
 WITH picked AS (
     SELECT user_id FROM {schema}.sync_state
     WHERE dirty AND batch_id IS NULL
+      AND (NOT $4::boolean OR gone = coalesce($3::boolean, (
+          SELECT gone FROM {schema}.sync_state WHERE dirty AND batch_id IS NULL
+          ORDER BY lane, dirty_since, user_id LIMIT 1)))
     ORDER BY lane, dirty_since, user_id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
 UPDATE {schema}.sync_state s SET batch_id = $1
 FROM picked WHERE s.user_id = picked.user_id
-RETURNING s.user_id, s.lane, s.sent_hash, s.stage_seq;
+RETURNING s.user_id, s.lane, s.gone, s.sent_hash, s.stage_seq, s.sent_email, s.pending_email,
+    s.sent_tags, s.unsubscribed_at;
 
 -- user_state --
 -- What the API last accepted for these users, and how often each was staged (read before
--- their rows, so a staging after the read leaves them dirty).
-SELECT user_id, sent_hash, stage_seq FROM {schema}.sync_state WHERE user_id = ANY($1::text::text[]);
+-- their rows, so a staging after the read leaves them dirty); whether it holds them
+-- unsubscribed (G12). The columns `take_ready` returns too.
+SELECT user_id, sent_hash, stage_seq, sent_email, pending_email, sent_tags, unsubscribed_at
+FROM {schema}.sync_state WHERE user_id = ANY($1::text::text[]);
+
+-- mark_pending --
+-- Just before a request carrying renames: the email each renamed user of batch $1 ($2 ids, $3
+-- emails) is keyed by if the request lands and its answer is lost (cleared by mark_sent).
+UPDATE {schema}.sync_state s SET pending_email = r.email
+FROM unnest($2::text[], $3::text[]) AS r(user_id, email)
+WHERE s.user_id = r.user_id AND s.batch_id = $1 AND s.pending_email IS DISTINCT FROM r.email;
+
+-- clear_pending --
+-- The API refused renames it was sent ($1 ids, $2 their NEW emails): none of them landed, so
+-- the subscriber is under sent_email for certain (a later send starts from it again).
+UPDATE {schema}.sync_state s SET pending_email = NULL
+FROM unnest($1::text[], $2::text[]) AS r(user_id, email)
+WHERE s.user_id = r.user_id AND s.pending_email = r.email;
 
 -- lock_users --
 -- Lock these users' rows in user_id order, the order every writer of sync_state uses (no deadlock).
 SELECT 1 FROM {schema}.sync_state WHERE user_id = ANY($1::text::text[]) ORDER BY user_id FOR UPDATE;
 
 -- set_members --
--- The users the batch will carry (after dropping the unchanged, invalid and missing).
-UPDATE {schema}.batches SET user_ids = $2::text::text[], lane = coalesce($3, lane) WHERE id = $1;
+-- The users the batch will carry (after dropping the unchanged, invalid and missing), and
+-- whether it subscribes or unsubscribes them ($4).
+UPDATE {schema}.batches SET user_ids = $2::text::text[], lane = coalesce($3, lane), action = $4 WHERE id = $1;
 
 -- drop_users --
 -- Users leaving a batch unsent (unchanged, invalid, missing): they wait again only if they
 -- were staged again since they were read ($2: user ids, $3: stage_seq when read). $4: 'unchanged'
 -- or 'gone' when the API needs nothing for the user (settled, if not staged since), else NULL.
+-- A user found 'gone' is marked so (status counts those the API still holds).
 UPDATE {schema}.sync_state s
 SET batch_id = NULL,
     dirty = s.stage_seq > r.seq,
+    gone = CASE WHEN r.settled = 'gone' AND s.stage_seq = r.seq THEN true ELSE s.gone END,
     settled_at = CASE WHEN r.settled IS NOT NULL AND s.stage_seq = r.seq
                       THEN clock_timestamp() ELSE s.settled_at END,
     settled = CASE WHEN r.settled IS NOT NULL AND s.stage_seq = r.seq THEN r.settled ELSE s.settled END
 FROM unnest($2::text[], $3::bigint[], $4::text[]) AS r(user_id, seq, settled)
 WHERE s.user_id = r.user_id AND s.batch_id = $1;
+
+-- move_users --
+-- Users leaving a batch for one of the other action, still dirty: a row found deleted or
+-- filtered out in a subscribe batch ($3 true: to be unsubscribed), or found back in an
+-- unsubscribe batch ($3 false: to be subscribed again).
+UPDATE {schema}.sync_state s
+SET batch_id = NULL, dirty = true, gone = $3
+WHERE s.user_id = ANY($2::text[]) AND s.batch_id = $1;
 
 -- members_of --
 -- The users sync_state puts in batch $1 (those taken, even if the batch row was not told yet).
@@ -96,20 +134,40 @@ UPDATE {schema}.sync_state SET batch_id = NULL WHERE batch_id = $1 AND user_id =
 
 -- mark_sent --
 -- The API accepted these users with these contents ($2 ids, $3 hashes, $4 updated_at read,
--- $5 stage_seq when read, $6 the email sent, $7 the tags sent as JSON or NULL): they wait
--- again only if staged again since.
+-- $5 stage_seq when read, $6 the email the API now keys each by, $7 the tags sent as JSON or
+-- NULL, $8 sent under another email than its row's): they wait again only if staged again
+-- since, or $8.
 UPDATE {schema}.sync_state s
 SET batch_id = NULL,
     sent_hash = r.hash,
     sent_email = r.email,
+    pending_email = NULL,
     sent_tags = r.tags,
     sent_updated_at = r.read_at,
     sent_at = clock_timestamp(),
     settled_at = clock_timestamp(),
     settled = 'sent',
+    unsubscribed_at = NULL,
+    gone = CASE WHEN s.stage_seq > r.seq THEN s.gone ELSE false END,
+    dirty = s.stage_seq > r.seq OR r.again
+FROM unnest($2::text::text[], $3::bytea[], $4::text::timestamptz[], $5::bigint[], $6::text::text[], $7::jsonb[], $8::bool[])
+    AS r(user_id, hash, read_at, seq, email, tags, again)
+WHERE s.user_id = r.user_id AND s.batch_id = $1;
+
+-- mark_unsubscribed --
+-- The API accepted the unsubscribe of these users ($2 ids, $3 stage_seq when read): settled as
+-- 'gone'. What it last accepted is forgotten (a row that comes back is sent again, whole, with
+-- "status": "active"); sent_email and sent_tags stay: the subscriber keeps them at the API. They wait again only
+-- if staged again since.
+UPDATE {schema}.sync_state s
+SET batch_id = NULL,
+    sent_hash = NULL,
+    sent_at = clock_timestamp(),
+    unsubscribed_at = clock_timestamp(),
+    settled_at = clock_timestamp(),
+    settled = 'gone',
     dirty = s.stage_seq > r.seq
-FROM unnest($2::text::text[], $3::bytea[], $4::text::timestamptz[], $5::bigint[], $6::text::text[], $7::jsonb[])
-    AS r(user_id, hash, read_at, seq, email, tags)
+FROM unnest($2::text[], $3::bigint[]) AS r(user_id, seq)
 WHERE s.user_id = r.user_id AND s.batch_id = $1;
 
 -- resolve_failures --

@@ -13,6 +13,9 @@ SELECT
                            WHERE status IN ('pending', 'claimed') LIMIT $1) AS t) AS open_batches,
     (SELECT count(*) FROM (SELECT FROM {schema}.failures
                            WHERE resolved_at IS NULL LIMIT $1) AS t) AS open_failures,
+    (SELECT count(*) FROM (SELECT FROM {schema}.sync_state
+                           WHERE gone AND sent_email IS NOT NULL AND unsubscribed_at IS NULL
+                           LIMIT $1) AS t) AS gone,
     (SELECT max(started_at) FROM {schema}.requests WHERE outcome = 'ok') AS last_success;
 
 -- live_ready_estimate --
@@ -34,3 +37,8 @@ EXPLAIN (FORMAT JSON) SELECT FROM {schema}.batches WHERE status IN ('pending', '
 -- open_failures_estimate --
 -- As above, open failures.
 EXPLAIN (FORMAT JSON) SELECT FROM {schema}.failures WHERE resolved_at IS NULL;
+
+-- gone_estimate --
+-- As above, users the API holds subscribed whose row is deleted or filtered out (G12).
+EXPLAIN (FORMAT JSON) SELECT FROM {schema}.sync_state
+WHERE gone AND sent_email IS NOT NULL AND unsubscribed_at IS NULL;
