@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import socket
@@ -139,6 +140,9 @@ class Daemon:
         self.poller = UserSyncService(
             cfg, pool, self.source, work_ready=self.work_ready, live_ready=self.live_ready
         )
+        # what start-up made (modules, config, pool, client) lives as long as the process: out of
+        # the garbage collector's sight, so the collections a backlog's batches trigger skip it
+        gc.freeze()
         return await self._supervise()
 
     async def _supervise(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import cache
 from importlib import resources
 from typing import TypeVar
@@ -53,6 +53,27 @@ def redact_dsn(url: str) -> str:
     """The database URL without its password (in the authority or as ?password=), for logs;
     in other text, every such URL in it (see `dsn`: a malformed password is found too)."""
     return dsn.redact(url)
+
+
+def text_array(values: Sequence[str | None]) -> str:
+    """A PostgreSQL array literal of `values` (None as NULL), for a `$n::text::text[]` parameter.
+
+    One string for the driver to send: asyncpg encodes a text[] parameter element by element
+    (about 0.3 µs each), five times the cost of this; a batch sends several arrays of 1,000 ids.
+    Ids are usually digits or UUIDs (joined as they are); any other value is quoted and escaped."""
+    if not values:
+        return "{}"
+    try:
+        body = '","'.join(values)  # type: ignore[arg-type]  # a None raises: the general path
+    except TypeError:
+        body = None
+    if body is not None and body.count('"') == 2 * (len(values) - 1) and "\\" not in body:
+        return '{"' + body + '"}'  # no quote nor backslash inside a value: nothing to escape
+    return "{" + ",".join("NULL" if v is None else _array_element(v) for v in values) + "}"
+
+
+def _array_element(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 @cache
@@ -119,9 +140,18 @@ async def _connect(url: str, *, min_size: int, max_size: int) -> asyncpg.Pool:
             max_size=max_size,
             command_timeout=60,
             server_settings={"application_name": "usersyncd"},
+            reset=_no_session_state,
         )
     except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
         raise DatabaseError(f"cannot connect to {redact_dsn(url)}: {_why(exc)}") from exc
+
+
+async def _no_session_state(conn: asyncpg.Connection) -> None:
+    """A pooled connection goes back as it is: asyncpg still rolls back an open transaction,
+    but skips its reset query (advisory unlock, CLOSE ALL, UNLISTEN, RESET ALL), one more round
+    trip on every release, about 20 per batch sent. usersyncd leaves no session state on a pooled
+    connection: its advisory locks are transaction-level (`migrate`'s is released in a
+    `finally`), it sets no setting, opens no cursor, and `quota_wake` removes its LISTEN."""
 
 
 async def _until_stopped(operation: Awaitable[T], stop: asyncio.Event) -> T | None:

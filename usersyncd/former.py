@@ -19,8 +19,7 @@ import asyncio
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 from loguru import logger
@@ -42,12 +41,11 @@ NEVER_KNOWN: Known = Known(None, 0, records.NEVER_SENT)  # a user sync_state has
 ACTIVE = {"status": "active"}  # Drip re-subscribes an unsubscribed subscriber only when told (SPEC §2)
 
 
-@dataclass(frozen=True)
-class Member:
+class Member(NamedTuple):  # a tuple: one per user sent, ~5x cheaper to make than a frozen dataclass
     user_id: str
     payload: dict[str, Any]  # the body sent: the row's, as a rename and with remove_tags if need be
     hash: bytes  # of the row's payload (G4): what the user's data is, whatever the body; b"" for an unsubscribe
-    read_at: datetime | None  # the row's updated_at when read (None: no row, an unsubscribe)
+    read_at: str | None  # the row's version when read (`Source.version_sql`; None: no row, an unsubscribe)
     seq: int  # the user's stage_seq when read: staged again since means send again
     email: str  # the email the API keys the subscriber by once this is accepted (G12)
     pending: str | None  # a rename this body starts: kept before sending, dropped if refused
@@ -153,8 +151,8 @@ class Former:
             if not taken:
                 break
             taken_so_far += len(taken)
-            lanes.update(taken)
-            members += await self.prepare(batch, list(taken))
+            lanes.update((user_id, lane) for user_id, (lane, _) in taken.items())
+            members += await self.prepare(batch, list(taken), {user_id: k for user_id, (_, k) in taken.items()})
             if len(taken) < ask or loop.time() >= deadline:
                 break
         if len(members) > size:  # a round took more than was needed: the rest wait again
@@ -181,10 +179,17 @@ class Former:
         await self.queue.set_members(batch, [m.user_id for m in kept])
         return kept
 
-    async def prepare(self, batch: Batch, user_ids: Sequence[str]) -> list[Member]:
+    async def prepare(
+        self,
+        batch: Batch,
+        user_ids: Sequence[str],
+        known: dict[str, Known] | None = None,
+    ) -> list[Member]:
         """Read the users now; invalid and unreadable ones to failures, unchanged and missing
-        ones out (settled: their failures may resolve)."""
-        known = await self.queue.user_state(user_ids)  # before the rows: see Member.seq
+        ones out (settled: their failures may resolve). `known`: their `user_state`, when the
+        caller has it already (read by `take_ready`)."""
+        if known is None:
+            known = await self.queue.user_state(user_ids)  # before the rows: see Member.seq
         if batch.action == UNSUBSCRIBE:
             return await self._prepare_gone(batch, user_ids, known)
         async with self.pool.acquire() as conn:

@@ -146,6 +146,12 @@ class UserSyncService:
         else:
             entry.debug(what)
 
+    def _wake(self, staged: int) -> None:
+        """Workers hear of users as soon as a page is staged, not when the whole poll ends: at a
+        first start the poll stages the lookahead (100,000 users by default, seconds of work)."""
+        if staged:
+            self.work_ready.set()
+
     async def _poll_live(self, result: PollResult, *, reread: bool) -> bool:
         """Scan from the live cursor to the end, from the cursor minus lookback if `reread`.
         True when the end was reached."""
@@ -192,6 +198,7 @@ class UserSyncService:
                     await conn.execute(self.sql["advance_live"], page["last_updated_at"])
             result.read += page["read"]
             result.staged += page["staged"]
+            self._wake(page["staged"])
             result.live_staged += page["live_staged"]
             staged += page["staged"]
             if lane == LIVE and page["staged"] > page["live_staged"]:  # a wave the count missed
@@ -227,9 +234,11 @@ class UserSyncService:
         started."""
         if not self.sweep_nulls:
             return True
+        waiting: int | None = None
         while True:
             async with self.pool.acquire() as conn, conn.transaction():
-                waiting = await conn.fetchval(self.sql["backfill_waiting"], self.lookahead)
+                if waiting is None:  # once per poll: see _poll_backfill
+                    waiting = int(await conn.fetchval(self.sql["backfill_waiting"], self.lookahead))
                 if waiting >= self.lookahead:
                     return False
                 page = await conn.fetchrow(
@@ -240,6 +249,8 @@ class UserSyncService:
                 )
             result.read += page["read"]
             result.staged += page["staged"]
+            self._wake(page["staged"])
+            waiting += page["staged"]
             if page["read"] < PAGE_SIZE:  # the end: the next poll starts over
                 self._nulls_after = None
                 self._nulls_cycles += 1
@@ -250,14 +261,21 @@ class UserSyncService:
 
     async def _poll_backfill(self, result: PollResult, deadline: float) -> bool:
         """Stage the next backfill pages while the lookahead has room, one page at least and
-        more until `deadline`. True when finished (for good: an idle poll does not look again)."""
+        more until `deadline`. True when finished (for good: an idle poll does not look again).
+
+        The paced lane's waiting users are counted once per poll (a count of up to `lookahead`
+        rows: counted again for every page, a backfill's poll was quadratic); the pages staged
+        since add to it. Workers taking users meanwhile only make it an overestimate: the lane
+        never holds more than the lookahead, and the next poll counts again."""
+        waiting: int | None = None
         while not self._backfill_done:
             async with self.pool.acquire() as conn, conn.transaction():
                 cursor = await conn.fetchrow(self.sql["cursor"], "backfill")
                 if cursor is None or cursor["done"]:
                     self._backfill_done = True
                     return True
-                waiting = await conn.fetchval(self.sql["backfill_waiting"], self.lookahead)
+                if waiting is None:
+                    waiting = int(await conn.fetchval(self.sql["backfill_waiting"], self.lookahead))
                 room = min(PAGE_SIZE, self.lookahead - waiting)
                 if room <= 0:
                     return False
@@ -281,6 +299,8 @@ class UserSyncService:
                     )
             result.read += page["read"]
             result.staged += page["staged"]
+            self._wake(page["staged"])
+            waiting += page["staged"]
             if finished:
                 logger.info("backfill finished: every row that existed at the first start is staged")
                 self._backfill_done = True

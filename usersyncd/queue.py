@@ -44,7 +44,7 @@ class Sent(NamedTuple):
 
     user_id: str
     hash: bytes  # of the payload sent (G4)
-    read_at: datetime  # the row's updated_at when read
+    read_at: str  # the row's version when read (`Source.version_sql`: a timestamptz as text)
     seq: int  # its stage_seq when read: staged again since means send again
     email: str | None  # the email the API keys it by now (G12)
     tags: str | None  # the tags sent, as JSON (removed ones go as remove_tags later)
@@ -58,6 +58,17 @@ class Known(NamedTuple):
     seq: int  # stage_seq
     prior: records.Prior  # the email, pending rename and tags last accepted (G12)
     unsubscribed_at: datetime | None = None  # the API accepted its unsubscribe (G12)
+
+
+def _known(row: asyncpg.Record) -> Known:
+    """A user's `Known` from a row of `user_state` (or `take_ready`: the same columns)."""
+    tags = row["sent_tags"]
+    return Known(
+        row["sent_hash"],
+        row["stage_seq"],
+        records.Prior(row["sent_email"], row["pending_email"], json.loads(tags) if tags is not None else None),
+        row["unsubscribed_at"],
+    )
 
 
 @dataclass(frozen=True)
@@ -111,10 +122,11 @@ class Queue:
 
     async def take_ready(
         self, batch: Batch, limit: int, *, by_action: bool = False, decide: bool = False
-    ) -> dict[str, int]:
-        """Move up to `limit` ready users into the batch (live lane first): {user id: lane}.
-        `by_action` (on_delete = "unsubscribe"): only users of the batch's action, which the
-        first ready user decides when `decide` (a gone user: an unsubscribe batch)."""
+    ) -> dict[str, tuple[int, Known]]:
+        """Move up to `limit` ready users into the batch (live lane first): {user id: (lane,
+        state)}, the state as `user_state` gives it (read in the same statement: no round trip
+        more per batch). `by_action` (on_delete = "unsubscribe"): only users of the batch's
+        action, which the first ready user decides when `decide` (a gone user: an unsubscribe batch)."""
         gone = None if decide else batch.action == UNSUBSCRIBE
         async with self.pool.acquire() as conn, conn.transaction():
             # one worker forms at a time, so two never split the tail of a backlog (G2)
@@ -122,24 +134,12 @@ class Queue:
             rows = await conn.fetch(self.sql["take_ready"], batch.id, limit, gone, by_action)
         if by_action and rows and decide:
             batch.action = UNSUBSCRIBE if rows[0]["gone"] else SUBSCRIBE
-        return {r["user_id"]: r["lane"] for r in rows}
+        return {r["user_id"]: (r["lane"], _known(r)) for r in rows}
 
     async def user_state(self, user_ids: Sequence[str]) -> dict[str, Known]:
         """What the API last accepted of these users and their stage_seq: read before their rows."""
-        rows = await self.pool.fetch(self.sql["user_state"], list(user_ids))
-        return {
-            r["user_id"]: Known(
-                r["sent_hash"],
-                r["stage_seq"],
-                records.Prior(
-                    r["sent_email"],
-                    r["pending_email"],
-                    json.loads(r["sent_tags"]) if r["sent_tags"] is not None else None,
-                ),
-                r["unsubscribed_at"],
-            )
-            for r in rows
-        }
+        rows = await self.pool.fetch(self.sql["user_state"], db.text_array(user_ids))
+        return {r["user_id"]: _known(r) for r in rows}
 
     async def mark_pending(self, batch: Batch, pending: dict[str, str]) -> None:
         """Before a request carrying renames starts: the email each renamed user's subscriber is
@@ -148,7 +148,7 @@ class Queue:
             return
         ids = sorted(pending)
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(self.sql["lock_users"], ids)
+            await conn.execute(self.sql["lock_users"], db.text_array(ids))
             await conn.execute(self.sql["mark_pending"], batch.id, ids, [pending[u] for u in ids])
 
     async def clear_pending(self, pending: dict[str, str]) -> None:
@@ -157,12 +157,14 @@ class Queue:
             return
         ids = sorted(pending)
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(self.sql["lock_users"], ids)
+            await conn.execute(self.sql["lock_users"], db.text_array(ids))
             await conn.execute(self.sql["clear_pending"], ids, [pending[u] for u in ids])
 
     async def set_members(self, batch: Batch, user_ids: Sequence[str], lane: int | None = None) -> None:
         batch.user_ids = list(user_ids)
-        await self.pool.execute(self.sql["set_members"], batch.id, batch.user_ids, lane, batch.action)
+        await self.pool.execute(
+            self.sql["set_members"], batch.id, db.text_array(batch.user_ids), lane, batch.action
+        )
 
     async def drop_users(
         self, batch: Batch, seqs: dict[str, int], *, settled: dict[str, str] | None = None
@@ -176,7 +178,7 @@ class Queue:
         settled = settled or {}
         ids = sorted(seqs)
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(self.sql["lock_users"], ids)
+            await conn.execute(self.sql["lock_users"], db.text_array(ids))
             await conn.execute(
                 self.sql["drop_users"], batch.id, ids, [seqs[u] for u in ids], [settled.get(u) for u in ids]
             )
@@ -189,7 +191,7 @@ class Queue:
             if not ids:
                 continue
             async with self.pool.acquire() as conn, conn.transaction():
-                await conn.execute(self.sql["lock_users"], ids)
+                await conn.execute(self.sql["lock_users"], db.text_array(ids))
                 await conn.execute(self.sql["move_users"], batch.id, ids, flag)
 
     async def mark_unsubscribed(self, batch: Batch, seqs: dict[str, int]) -> None:
@@ -199,7 +201,7 @@ class Queue:
             return
         ids = sorted(seqs)
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(self.sql["lock_users"], ids)
+            await conn.execute(self.sql["lock_users"], db.text_array(ids))
             await conn.execute(self.sql["mark_unsubscribed"], batch.id, ids, [seqs[u] for u in ids])
 
     async def members_of(self, batch: Batch) -> list[str]:
@@ -212,7 +214,7 @@ class Queue:
             return
         ids = sorted(user_ids)
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(self.sql["lock_users"], ids)
+            await conn.execute(self.sql["lock_users"], db.text_array(ids))
             await conn.execute(self.sql["put_back"], batch.id, ids)
 
     async def mark_sent(self, batch: Batch, sent: Sequence[Sent]) -> None:
@@ -222,7 +224,7 @@ class Queue:
         if not sent:
             return
         ordered = sorted(sent)
-        ids = [s.user_id for s in ordered]
+        ids = db.text_array([s.user_id for s in ordered])
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(self.sql["lock_users"], ids)
             await conn.execute(
@@ -230,9 +232,9 @@ class Queue:
                 batch.id,
                 ids,
                 [s.hash for s in ordered],
-                [s.read_at for s in ordered],
+                db.text_array([s.read_at for s in ordered]),
                 [s.seq for s in ordered],
-                [s.email for s in ordered],
+                db.text_array([s.email for s in ordered]),
                 [s.tags for s in ordered],
                 [s.again for s in ordered],
             )
@@ -241,7 +243,7 @@ class Queue:
         """Resolve the open failures of these users whose every user is settled since; how many."""
         if not user_ids:
             return 0
-        status = await self.pool.execute(self.sql["resolve_failures"], list(user_ids))
+        status = await self.pool.execute(self.sql["resolve_failures"], db.text_array(user_ids))
         return int(status.split()[-1])
 
     async def spend_attempt(

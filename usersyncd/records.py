@@ -18,7 +18,6 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
-import email_validator
 import orjson
 
 MAX_FIELD_LENGTH = 255  # characters; the API's limit for string fields
@@ -39,7 +38,10 @@ _TOO_LONG = f"longer than {MAX_FIELD_LENGTH} characters"
 # email-validator, which words the reason.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _LABEL = r"(?=[A-Za-z0-9-]{1,63}\.)[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*\."
-_SPECIAL_USE = "|".join(map(re.escape, email_validator.SPECIAL_USE_DOMAIN_NAMES))
+# email-validator's SPECIAL_USE_DOMAIN_NAMES (a unit test keeps them equal): written out, so
+# that the library is imported only for an address the pattern leaves to it (~25 ms per start)
+SPECIAL_USE_DOMAIN_NAMES = ("arpa", "invalid", "local", "localhost", "onion", "test")
+_SPECIAL_USE = "|".join(map(re.escape, SPECIAL_USE_DOMAIN_NAMES))
 assert "." not in _SPECIAL_USE, "a dotted special-use name: the pattern checks the TLD alone"
 _PLAIN_EMAIL = re.compile(
     rf"{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_LABEL})+(?!(?i:{_SPECIAL_USE})\Z)[A-Za-z]{{1,63}}"
@@ -69,14 +71,17 @@ def build_payload(row: Mapping[str, Any], fields: Mapping[str, str]) -> dict[str
 
 def validate(user_id: str, row: Mapping[str, Any], fields: Mapping[str, str]) -> dict[str, Any] | Invalid:
     """The payload of `row`, or the first problem found (email, time zone, then each field)."""
-    problem = _email_problem(row[fields[EMAIL]])
-    if problem:
-        return Invalid(user_id, EMAIL, problem)
-    if TIME_ZONE in fields:
-        problem = _time_zone_problem(row[fields[TIME_ZONE]])
+    email = row[fields[EMAIL]]
+    if type(email) is not str or not _plain_email(email):  # the usual address needs no more
+        problem = _email_problem(email)
+        if problem:
+            return Invalid(user_id, EMAIL, problem)
+    zone_column = fields.get(TIME_ZONE)
+    if zone_column is not None:
+        problem = _time_zone_problem(row[zone_column])
         if problem:
             return Invalid(user_id, TIME_ZONE, problem)
-    values: list[tuple[str, Any]] = []
+    payload: dict[str, Any] = {}
     for api_field, column in fields.items():
         value = row[column]
         kind = type(value)
@@ -91,10 +96,8 @@ def validate(user_id: str, row: Mapping[str, Any], fields: Mapping[str, str]) ->
             problem = _value_problem(value)
             if problem:
                 return Invalid(user_id, api_field, problem)
-        values.append((api_field, value))
-    if _flat(tuple(fields)):
-        return dict(values)
-    return _nest(values)
+        payload[api_field] = value
+    return payload if _flat(fields) else _nest(payload.items())
 
 
 def content_hash(payload: Mapping[str, Any]) -> bytes:
@@ -240,7 +243,9 @@ def _nest(values: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     """Dotted API names become nested objects. A null is sent as null: a field cleared in the
     table is cleared at the API too (G3: the API holds the latest state of every mapped field)."""
     values = list(values)
-    if _flat(tuple(api_field for api_field, _ in values)):
+    names = [api_field for api_field, _ in values]
+    _check_shape(names)
+    if not any("." in api_field for api_field in names):
         return dict(values)
     payload: dict[str, Any] = {}
     for api_field, value in values:
@@ -252,11 +257,23 @@ def _nest(values: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     return payload
 
 
-@functools.lru_cache(maxsize=64)
-def _flat(api_fields: tuple[str, ...]) -> bool:
-    """No dotted name (the payload is the pairs as they are); checks the shape once per mapping."""
-    _check_shape(list(api_fields))
-    return not any("." in api_field for api_field in api_fields)
+def _flat(fields: Mapping[str, Any]) -> bool:
+    """No dotted API name (the payload is the pairs as they are). Checks the shape once per
+    mapping: the answer is kept for this very mapping object (a config's, never changed)."""
+    known = _FLAT.get(id(fields))
+    if known is not None and known[0] is fields:
+        return known[1]
+    names = tuple(fields)
+    _check_shape(list(names))
+    flat = not any("." in api_field for api_field in names)
+    if len(_FLAT) >= _FLAT_MAX:
+        _FLAT.clear()
+    _FLAT[id(fields)] = (fields, flat)  # holds the mapping: its id is not reused meanwhile
+    return flat
+
+
+_FLAT: dict[int, tuple[Mapping[str, Any], bool]] = {}
+_FLAT_MAX = 64
 
 
 def _check_shape(api_fields: list[str]) -> None:
@@ -277,6 +294,8 @@ def _email_problem(value: Any) -> str | None:
         return f"not a string but {type(value).__name__}"
     if _plain_email(value):
         return None
+    import email_validator  # here, not at the top: see SPECIAL_USE_DOMAIN_NAMES
+
     try:
         # never DNS: the syntax is ours to check, deliverability is the API's business
         email_validator.validate_email(value, check_deliverability=False)

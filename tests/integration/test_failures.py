@@ -50,7 +50,7 @@ async def hold(pool: asyncpg.Pool, user_ids: list[str]) -> Batch:
 
 
 def sent(user_ids: list[str]) -> list[Sent]:
-    return [Sent(u, b"h" + u.encode(), datetime.now(UTC), 1, f"{u}@example.com", None) for u in user_ids]
+    return [Sent(u, b"h" + u.encode(), str(datetime.now(UTC)), 1, f"{u}@example.com", None) for u in user_ids]
 
 
 async def test_marking_a_batch_sent_stays_fast_with_300000_open_failures(pool: asyncpg.Pool) -> None:
@@ -90,7 +90,7 @@ async def test_marking_a_batch_sent_stays_fast_with_300000_open_failures(pool: a
     async with pool.acquire() as conn:
         for mode in ("force_custom_plan", "force_generic_plan"):
             await conn.execute(f"SET plan_cache_mode = {mode}")
-            plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", ids))
+            plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", db.text_array(ids)))
             assert "Seq Scan on failures" not in plan, plan
             assert "failure_users" in plan, plan
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -13,6 +14,8 @@ from usersyncd import checks, db, poller, source
 from usersyncd.config import Config
 
 pytestmark = pytest.mark.db
+
+NULL_SEEN = datetime(1, 1, 1)  # sync_state.seen_updated_at of a NULL row: '-infinity' as asyncpg reads it
 
 
 def make_config(database_url: str, **source_keys: Any) -> Config:
@@ -65,7 +68,7 @@ async def test_null_rows_are_staged_once_and_new_ones_are_found(
             break
     state = await staged(conn)
     assert sorted(state, key=int) == [str(i) for i in range(1, 21)]
-    assert {state[str(i)] for i in range(1, 8)} == {(source.NULL_VERSION, True, 1)}
+    assert {state[str(i)] for i in range(1, 8)} == {(NULL_SEEN, True, 1)}
 
     await conn.execute("UPDATE usersync.sync_state SET dirty = false")  # as if sent
     for _ in range(4):  # a whole sweep: nothing staged twice
@@ -79,7 +82,7 @@ async def test_null_rows_are_staged_once_and_new_ones_are_found(
         await service.poll_once()
         found = {u: v for u, v in (await staged(conn)).items() if v[1]}
     assert set(found) == {"0", "15", "3"}
-    assert found["0"] == found["15"] == (source.NULL_VERSION, True, 1)
+    assert found["0"] == found["15"] == (NULL_SEEN, True, 1)
     assert found["3"][2] == 0  # a change since the first start: live
 
 

@@ -325,7 +325,7 @@ async def test_a_page_reads_the_index_in_order_also_for_timestamp_without_time_z
     for scan, args in cases.items():
         sql = src.stage_page_sql("usersync", scan=scan, has_cursor_id=True)
         plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
-        page = plan.split("CTE numbered")[0]
+        page = plan.split("CTE staged")[0]  # the page CTE (what follows is the staging)
         assert "Seq Scan" not in page, (scan, page)
         if scan == "nulls":  # the index finds them (a few are sorted, never the table)
             assert "Index Cond: ((updated_at IS NULL)" in page, page

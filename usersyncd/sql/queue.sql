@@ -54,7 +54,8 @@ SELECT pg_advisory_xact_lock(hashtext('usersyncd.form:' || $1));
 -- take_ready --
 -- Move up to $2 ready users into batch $1: live lane first, then the oldest waiting. With $4
 -- (on_delete = "unsubscribe") a batch is all subscribes or all unsubscribes: only users whose
--- `gone` is $3, or, for $3 NULL (the batch's first round), the first ready user's.
+-- `gone` is $3, or, for $3 NULL (the batch's first round), the first ready user's. With what
+-- user_state reads of them (read before the users' rows: no round trip more per batch).
 WITH picked AS (
     SELECT user_id FROM {schema}.sync_state
     WHERE dirty AND batch_id IS NULL
@@ -67,14 +68,15 @@ WITH picked AS (
 )
 UPDATE {schema}.sync_state s SET batch_id = $1
 FROM picked WHERE s.user_id = picked.user_id
-RETURNING s.user_id, s.lane, s.sent_hash, s.gone;
+RETURNING s.user_id, s.lane, s.gone, s.sent_hash, s.stage_seq, s.sent_email, s.pending_email,
+    s.sent_tags, s.unsubscribed_at;
 
 -- user_state --
 -- What the API last accepted for these users, and how often each was staged (read before
 -- their rows, so a staging after the read leaves them dirty); whether it holds them
--- unsubscribed (G12).
+-- unsubscribed (G12). The columns `take_ready` returns too.
 SELECT user_id, sent_hash, stage_seq, sent_email, pending_email, sent_tags, unsubscribed_at
-FROM {schema}.sync_state WHERE user_id = ANY($1::text[]);
+FROM {schema}.sync_state WHERE user_id = ANY($1::text::text[]);
 
 -- mark_pending --
 -- Just before a request carrying renames: the email each renamed user of batch $1 ($2 ids, $3
@@ -92,12 +94,12 @@ WHERE s.user_id = r.user_id AND s.pending_email = r.email;
 
 -- lock_users --
 -- Lock these users' rows in user_id order, the order every writer of sync_state uses (no deadlock).
-SELECT 1 FROM {schema}.sync_state WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE;
+SELECT 1 FROM {schema}.sync_state WHERE user_id = ANY($1::text::text[]) ORDER BY user_id FOR UPDATE;
 
 -- set_members --
 -- The users the batch will carry (after dropping the unchanged, invalid and missing), and
 -- whether it subscribes or unsubscribes them ($4).
-UPDATE {schema}.batches SET user_ids = $2::text[], lane = coalesce($3, lane), action = $4 WHERE id = $1;
+UPDATE {schema}.batches SET user_ids = $2::text::text[], lane = coalesce($3, lane), action = $4 WHERE id = $1;
 
 -- drop_users --
 -- Users leaving a batch unsent (unchanged, invalid, missing): they wait again only if they
@@ -148,7 +150,7 @@ SET batch_id = NULL,
     unsubscribed_at = NULL,
     gone = CASE WHEN s.stage_seq > r.seq THEN s.gone ELSE false END,
     dirty = s.stage_seq > r.seq OR r.again
-FROM unnest($2::text[], $3::bytea[], $4::timestamptz[], $5::bigint[], $6::text[], $7::jsonb[], $8::bool[])
+FROM unnest($2::text::text[], $3::bytea[], $4::text::timestamptz[], $5::bigint[], $6::text::text[], $7::jsonb[], $8::bool[])
     AS r(user_id, hash, read_at, seq, email, tags, again)
 WHERE s.user_id = r.user_id AND s.batch_id = $1;
 
@@ -183,14 +185,14 @@ FROM (
     FROM {schema}.failures o
     CROSS JOIN LATERAL unnest(o.user_ids) AS u(user_id)
     LEFT JOIN {schema}.sync_state s ON s.user_id = u.user_id
-    WHERE o.id = ANY(ARRAY(SELECT failure_id FROM {schema}.failure_users WHERE user_id = ANY($1::text[])))
+    WHERE o.id = ANY(ARRAY(SELECT failure_id FROM {schema}.failure_users WHERE user_id = ANY($1::text::text[])))
       AND o.resolved_at IS NULL
     GROUP BY o.id, o.last_failed_at
     HAVING bool_and(s.settled_at IS NOT NULL AND s.settled_at >= o.last_failed_at)
 ) v
 -- the same ids again, so that the rows to update are fetched by key, never by a scan; a
 -- failure that failed again meanwhile (newer last_failed_at) stays open
-WHERE f.id = ANY(ARRAY(SELECT failure_id FROM {schema}.failure_users WHERE user_id = ANY($1::text[])))
+WHERE f.id = ANY(ARRAY(SELECT failure_id FROM {schema}.failure_users WHERE user_id = ANY($1::text::text[])))
   AND f.id = v.id AND f.resolved_at IS NULL AND f.last_failed_at = v.last_failed_at;
 
 -- resolve_settled --
