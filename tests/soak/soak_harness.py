@@ -431,6 +431,11 @@ class Soak:
         self.poisoned: list[int] = []  # users whose email the API refused for a while
         self.background: set[asyncio.Task[Any]] = set()
         self.renames, self.deletes = features()
+        self.interrupted = False
+
+    def interrupt(self) -> None:
+        """End the faults now (Ctrl-C in the long form); quiescence and the checks still run."""
+        self.interrupted = True
 
     # ---- set-up ----------------------------------------------------------------------------
 
@@ -488,27 +493,27 @@ class Soak:
             conn = await database.connect()
             try:
                 await seed_users(conn, s.users, invalid_email_every=1000)
-                api = FakeApiProcess(
-                    api_key=self.key, auth="basic", flavour="drip", account_id=ACCOUNT,
-                    limit_requests=s.requests, window=s.window,
-                )  # fmt: skip
-                await api.start()
-                try:
-                    await self._run(conn, api)
-                finally:
-                    for replica in self.replicas:
-                        if replica.proc is not None and replica.proc.returncode is None:
-                            replica.proc.kill()
-                            await replica.proc.wait()
-                        replica.close_log()
-                    await api.stop()
             finally:
-                conn.terminate()
+                await conn.close()
+            api = FakeApiProcess(
+                api_key=self.key, auth="basic", flavour="drip", account_id=ACCOUNT,
+                limit_requests=s.requests, window=s.window,
+            )  # fmt: skip
+            await api.start()
+            try:
+                await self._run(api)
+            finally:
+                for replica in self.replicas:
+                    if replica.proc is not None and replica.proc.returncode is None:
+                        replica.proc.kill()
+                        await replica.proc.wait()
+                    replica.close_log()
+                await api.stop()
         for line in self.report.lines():
             self.out(line)
         return self.report
 
-    async def _run(self, conn: asyncpg.Connection, api: FakeApiProcess) -> None:
+    async def _run(self, api: FakeApiProcess) -> None:
         s = self.settings
         self.api = api
         self.config = self._config(self.database.url, api)
@@ -532,10 +537,8 @@ class Soak:
         finally:
             await checker.close()
         self.report.settle_seconds = time.monotonic() - began
-        for index, replica in enumerate(self.replicas):
-            code = await replica.stop(timeout=30)
-            if code != 0:
-                self._problem(f"G8: replica {index} exited {code} on SIGTERM at the end", replica)
+        for index in range(len(self.replicas)):
+            await self._stop(index, "at the end")
         self._check_api(api)
         self._check_secrets()
 
@@ -561,7 +564,7 @@ class Soak:
         weights = [f[1] for f in faults]
         actions = {f[0]: f[2] for f in faults}
         await asyncio.sleep(self.rng.uniform(1.0, 3.0))  # the replicas start and begin to send
-        while time.monotonic() < until:
+        while time.monotonic() < until and not self.interrupted:
             [name] = self.rng.choices(names, weights)
             self.report.faults[name] += 1
             self.out(f"soak: +{time.monotonic() - until + self.settings.seconds:6.1f} s  {name}")
@@ -582,18 +585,24 @@ class Soak:
 
     async def _term(self) -> None:
         index = self.rng.randrange(len(self.replicas))
+        await self._stop(index, "mid-run")
+        await self._restart(index)
+
+    async def _stop(self, index: int, when: str) -> None:
+        """SIGTERM: exit 0 within shutdown_grace and a little (G8), or a problem."""
         replica = self.replicas[index]
         replica.signal(signal.SIGTERM)
         try:
             code = await replica.wait(30)
         except TimeoutError:
-            self._problem(f"G8: replica {index} still running 30 s after SIGTERM", replica)
+            self._problem(f"G8: replica {index} still running 30 s after SIGTERM {when}", replica)
             replica.proc.kill()
             await replica.proc.wait()
         else:
             if code != 0:
-                self._problem(f"G8: replica {index} exited {code} on SIGTERM (pid {replica.pid})", replica)
-        await self._restart(index)
+                self._problem(
+                    f"G8: replica {index} exited {code} on SIGTERM {when} (pid {replica.pid})", replica
+                )
 
     async def _database_stop(self) -> None:
         await self.database.stop()
@@ -823,5 +832,12 @@ def overlapping(requests: list[Any], timeout: float) -> list[tuple[int, int, lis
     return found
 
 
-async def soak(settings: Settings, out: Callable[[str], None] = print) -> Report:
-    return await Soak(settings, out).run()
+async def soak(
+    settings: Settings, out: Callable[[str], None] = print, stop_on: tuple[int, ...] = ()
+) -> Report:
+    """One soak run; the signals in `stop_on` end its faults early (the checks still run)."""
+    run = Soak(settings, out)
+    loop = asyncio.get_running_loop()
+    for sig in stop_on:
+        loop.add_signal_handler(sig, run.interrupt)
+    return await run.run()
