@@ -157,6 +157,7 @@ class Queue:
                 [s.seq for s in ordered],
                 [s.email for s in ordered],
                 [s.tags for s in ordered],
+                self.worker,
             )
 
     async def resolve_failures(self, user_ids: Sequence[str]) -> int:
@@ -184,7 +185,7 @@ class Queue:
     async def finish(
         self, batch: Batch, status: str, *, http_status: int | None = None, error: str | None = None
     ) -> None:
-        await self.pool.execute(self.sql["finish_batch"], batch.id, status, http_status, error)
+        await self.pool.execute(self.sql["finish_batch"], batch.id, status, http_status, error, self.worker)
 
     async def release_mine(self, *, due_in: float = 0.0) -> str:
         """Shutdown: every batch this worker holds goes back to the queue."""

