@@ -440,6 +440,7 @@ class Soak:
         self.renames, self.deletes = features()
         self.interrupted = False
         self.database_faults = 0  # database stops and terminations so far
+        self.log_offsets: dict[int, int] = {}  # where each replica's current process began its log
 
     def interrupt(self) -> None:
         """End the faults now (Ctrl-C in the long form); quiescence and the checks still run."""
@@ -479,7 +480,22 @@ class Soak:
         )
 
     def _replica(self, index: int) -> Any:
-        return DaemonProcess(self.config, self.workdir / f"replica-{index}.log", "run")
+        log = self.workdir / f"replica-{index}.log"
+        self.log_offsets[index] = log.stat().st_size if log.exists() else 0  # restarts append
+        return DaemonProcess(self.config, log, "run")
+
+    async def _started(self, index: int, timeout: float = 30.0) -> None:
+        """Until replica `index` (its current process) logged "usersyncd starting": from then
+        on it handles SIGTERM. Before, Python is still importing and SIGTERM's default action
+        ends it (-15) having done nothing, which systemd counts as a clean stop too."""
+        replica = self.replicas[index]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and replica.proc.returncode is None:
+            with open(replica.log_path, "rb") as log:
+                log.seek(self.log_offsets[index])
+                if b'"usersyncd starting"' in log.read():
+                    return
+            await asyncio.sleep(0.1)
 
     async def run(self) -> Report:
         s = self.settings
@@ -546,6 +562,7 @@ class Soak:
             await checker.close()
         self.report.settle_seconds = time.monotonic() - began
         for index in range(len(self.replicas)):
+            await self._started(index)
             await self._stop(index, "at the end")
         self._check_api(api)
         self._check_secrets()
@@ -596,6 +613,7 @@ class Soak:
 
     async def _term(self) -> None:
         index = self.rng.randrange(len(self.replicas))
+        await self._started(index)
         await self._stop(index, "mid-run")
         await self._restart(index)
 
