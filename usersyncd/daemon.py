@@ -131,6 +131,7 @@ class Daemon:
             cfg.queue.name,
             worker=self.worker_id,
             lease=cfg.queue.retry_after,
+            request_timeout=cfg.api.timeout,
         )
         self.work_ready = asyncio.Event()
         self.forming = asyncio.Lock()
@@ -206,6 +207,7 @@ class Daemon:
             cfg.queue.name,
             worker=f"{self.worker_id}/w{n}",
             lease=cfg.queue.retry_after,
+            request_timeout=cfg.api.timeout,
         )
         try:
             await self._batches(n, queue)

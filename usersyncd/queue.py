@@ -55,15 +55,26 @@ class Backlog:
 
 
 class Queue:
-    def __init__(self, pool: asyncpg.Pool, schema: str, name: str, *, worker: str, lease: float) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        schema: str,
+        name: str,
+        *,
+        worker: str,
+        lease: float,
+        request_timeout: float = 0.0,
+    ) -> None:
         self.pool = pool
         self.name = name
         self.worker = worker
         self.lease = lease  # seconds
+        # api.timeout: an abandoned batch's unanswered request may be in flight this long (G6)
+        self.request_timeout = request_timeout
         self.sql = db.queries("queue", schema)
 
     async def has_work(self) -> bool:
-        return bool(await self.pool.fetchval(self.sql["has_work"], self.name))
+        return bool(await self.pool.fetchval(self.sql["has_work"], self.name, self.request_timeout))
 
     async def has_ready(self) -> bool:
         return bool(await self.pool.fetchval(self.sql["has_ready"]))
@@ -73,7 +84,9 @@ class Queue:
 
     async def claim_open_batch(self) -> Batch | None:
         """A released or abandoned batch, if one is due."""
-        row = await self.pool.fetchrow(self.sql["claim_open_batch"], self.name, self.worker, self.lease)
+        row = await self.pool.fetchrow(
+            self.sql["claim_open_batch"], self.name, self.worker, self.lease, self.request_timeout
+        )
         if row is None:
             return None
         return Batch(

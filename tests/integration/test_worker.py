@@ -138,6 +138,36 @@ async def test_an_answer_recorded_after_a_takeover_leaves_the_batch_to_its_new_w
     assert await bed.pool.fetchval("SELECT status FROM usersync.batches WHERE id = $1", batch_id) == "done"
 
 
+async def test_an_abandoned_batch_waits_out_its_unanswered_request(bed: Bed) -> None:
+    """G6, found by the chaos soak: worker A lost the database with a request of the batch in
+    flight, and its lease ran out (queue.retry_after below api.timeout). B does not take the batch
+    over until api.timeout after that request started; a recorded answer frees it at once."""
+    batch_id = await stage_batch(bed.pool, ["1", "2"])
+    await bed.pool.execute(
+        "UPDATE usersync.batches SET status = 'claimed', claimed_by = 'test/a',"
+        " lease_until = clock_timestamp() - interval '1 s'"
+    )
+    request_id = await bed.pool.fetchval(
+        "INSERT INTO usersync.requests (kind, batch_id, attempt, users, worker, started_at)"
+        " VALUES ('send', $1, 1, 2, 'test/a', clock_timestamp() - interval '1 s') RETURNING id",
+        batch_id,
+    )
+    other = Queue(bed.pool, "usersync", "user-sync", worker="test/b", lease=3.0, request_timeout=5.0)
+    assert not await other.has_work()
+    assert await other.claim_open_batch() is None
+    await bed.pool.execute("UPDATE usersync.requests SET started_at = clock_timestamp() - interval '6 s'")
+    assert await other.has_work()
+    taken = await other.claim_open_batch()
+    assert taken is not None and taken.id == batch_id
+
+    # answered: nothing is in flight, the batch is taken over as soon as its lease ran out
+    await bed.pool.execute(
+        "UPDATE usersync.batches SET claimed_by = 'test/a', lease_until = clock_timestamp() - interval '1 s';"
+        " UPDATE usersync.requests SET started_at = clock_timestamp(), outcome = 'ok'"
+    )
+    assert request_id is not None and (await other.claim_open_batch()) is not None
+
+
 async def test_reclaimed_batch_with_every_attempt_spent_is_dead_lettered_not_sent(bed: Bed) -> None:
     """A batch released after its last attempt (3 of 3, HTTP 503) is dead-lettered from that
     answer when reclaimed: no 4th request."""

@@ -2,11 +2,15 @@
 -- {schema} is the quoted state schema. Every statement here is one transaction.
 
 -- has_work --
--- Is there anything a worker could send now? (ready users, or a released / abandoned batch)
+-- Is there anything a worker could send now? (ready users, or a released / abandoned batch;
+-- $2: api.timeout, see claim_open_batch)
 SELECT EXISTS (SELECT 1 FROM {schema}.sync_state WHERE dirty AND batch_id IS NULL)
-    OR EXISTS (SELECT 1 FROM {schema}.batches
+    OR EXISTS (SELECT 1 FROM {schema}.batches b
                WHERE queue = $1 AND coalesce(not_before, '-infinity') <= clock_timestamp()
-                 AND (status = 'pending' OR (status = 'claimed' AND lease_until < clock_timestamp())));
+                 AND (status = 'pending' OR (status = 'claimed' AND lease_until < clock_timestamp()
+                      AND NOT EXISTS (SELECT 1 FROM {schema}.requests r
+                                      WHERE r.batch_id = b.id AND r.outcome IS NULL
+                                        AND r.started_at > clock_timestamp() - make_interval(secs => $2)))));
 
 -- has_ready --
 -- Is any user waiting to be taken into a batch?
@@ -21,6 +25,9 @@ SELECT EXISTS (SELECT 1 FROM {schema}.sync_state WHERE dirty AND batch_id IS NUL
 -- Its users are those sync_state still puts in it: a worker killed between taking users and
 -- recording them in user_ids (or after sending part of them) leaves user_ids stale, and a user
 -- whose sync_state points at a finished batch would wait forever.
+-- An abandoned batch whose last request started less than $4 seconds (api.timeout) ago and has
+-- no answer recorded waits: its worker lost the database, not necessarily the request, which
+-- may still be in flight until its timeout (G6; found by the chaos soak).
 UPDATE {schema}.batches b
 SET status = 'claimed', claimed_by = $2, lease_until = clock_timestamp() + make_interval(secs => $3),
     user_ids = ARRAY(SELECT s.user_id FROM {schema}.sync_state s WHERE s.batch_id = b.id ORDER BY s.user_id)
@@ -29,7 +36,10 @@ WHERE b.id = (
     WHERE queue = $1
       AND ((status = 'pending' AND coalesce(not_before, '-infinity') <= clock_timestamp())
         OR (status = 'claimed' AND lease_until < clock_timestamp()
-            AND coalesce(not_before, '-infinity') <= clock_timestamp()))
+            AND coalesce(not_before, '-infinity') <= clock_timestamp()
+            AND NOT EXISTS (SELECT 1 FROM {schema}.requests r
+                            WHERE r.batch_id = batches.id AND r.outcome IS NULL
+                              AND r.started_at > clock_timestamp() - make_interval(secs => $4))))
     ORDER BY lane, id
     LIMIT 1
     FOR UPDATE SKIP LOCKED
