@@ -218,18 +218,9 @@ class Database:
 
 
 def _transient(exc: BaseException) -> bool:
-    """An error the database being stopped or our backend terminated can cause (asyncpg's
-    InternalClientError included: a connection cut mid-statement can be left in a state it
-    refuses to leave)."""
-    return isinstance(
-        exc,
-        OSError
-        | asyncpg.PostgresError
-        | asyncpg.InterfaceError
-        | asyncpg.InternalClientError
-        | ConnectionError
-        | TimeoutError,
-    )
+    """An error the database being stopped can cause: the product's own list (a bad statement
+    of the harness is not one, and ends the run)."""
+    return isinstance(exc, db.CONNECTION_ERRORS)
 
 
 class Writer:
@@ -358,7 +349,7 @@ class Writer:
             "UPDATE users SET name = 'User ' || id || ' w' || $2::text, updated_at = clock_timestamp()"
             " WHERE id BETWEEN $1 AND $1 + 1999",
             first,
-            self.rng.randrange(1_000_000),
+            str(self.rng.randrange(1_000_000)),
         )
 
     async def _add(self, valid: bool) -> None:
@@ -546,8 +537,10 @@ class Soak:
         stop = asyncio.Event()
         writing = asyncio.ensure_future(writer.run(stop))
         try:
-            await self._chaos(time.monotonic() + s.seconds)
+            chaos_began = time.monotonic()
+            await self._chaos(chaos_began + s.seconds)
         finally:
+            self.report.seconds = time.monotonic() - chaos_began  # less if interrupted
             stop.set()
             await writing
             await self._calm()
@@ -563,7 +556,8 @@ class Soak:
         self.report.settle_seconds = time.monotonic() - began
         for index in range(len(self.replicas)):
             await self._started(index)
-            await self._stop(index, "at the end")
+            if not await self._exited(index):
+                await self._stop(index, "at the end")
         self._check_api(api)
         self._check_secrets()
 
@@ -603,8 +597,19 @@ class Soak:
         self.replicas[index].close_log()
         self.replicas[index] = await self._replica(index).start()
 
+    async def _exited(self, index: int) -> bool:
+        """Whether replica `index` ended by itself (a crash, G10): a problem; it is restarted."""
+        replica = self.replicas[index]
+        if replica.proc.returncode is None:
+            return False
+        self._problem(f"G10: replica {index} exited by itself with {replica.proc.returncode}", replica)
+        await self._restart(index)
+        return True
+
     async def _kill(self) -> None:
         index = self.rng.randrange(len(self.replicas))
+        if await self._exited(index):
+            return
         replica = self.replicas[index]
         replica.signal(signal.SIGKILL)
         await replica.wait(30)
@@ -614,6 +619,8 @@ class Soak:
     async def _term(self) -> None:
         index = self.rng.randrange(len(self.replicas))
         await self._started(index)
+        if await self._exited(index):
+            return
         await self._stop(index, "mid-run")
         await self._restart(index)
 
@@ -736,9 +743,8 @@ class Soak:
         await self.database.start()
         if self.background:
             await asyncio.gather(*self.background)
-        for index, replica in enumerate(self.replicas):
-            if replica.proc.returncode is not None:
-                await self._restart(index)
+        for index in range(len(self.replicas)):
+            await self._exited(index)
 
     # ---- checks ----------------------------------------------------------------------------
 
