@@ -243,14 +243,7 @@ class SyncUserBatch:
         """The API accepted `members`: remember it, whatever it takes. Bookkeeping that fails
         after the answer is retried on its own and never sends the batch again (G4)."""
         sent = [
-            Sent(
-                m.user_id,
-                m.hash,
-                m.read_at,
-                m.seq,
-                m.payload.get(records.EMAIL),
-                records.tags_json(m.payload),
-            )
+            Sent(m.user_id, m.hash, m.read_at, m.seq, m.payload.get(records.EMAIL), records.tags_json(m.payload))
             for m in members
         ]
         delay = 0.2
