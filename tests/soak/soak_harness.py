@@ -264,7 +264,8 @@ class Writer:
             self._conn = None
             await asyncio.sleep(0.2)
             return None
-        self.report.writes[what] += 1
+        if what:  # a read is not a write
+            self.report.writes[what] += 1
         return result
 
     async def touch(self, user: int) -> None:
