@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -106,12 +107,32 @@ class Daemon:
         same state as a database lost mid-run, and systemd's start timeout must not kill it."""
         systemd.notify(f"READY=1\nSTATUS=waiting for the database: {db.redact_dsn(why)}")
 
-    async def _start(self, pool: asyncpg.Pool) -> int:
+    async def _prepare(self, pool: asyncpg.Pool) -> None:
+        """Migrate, claim the schema for this pipeline, inspect the source: each step is its own
+        transaction (or idempotent), so the whole is retried when the database goes away."""
         cfg = self.config
         async with pool.acquire() as conn:
             await db.migrate(conn, cfg.database.state_schema)
             await pipeline.claim(conn, cfg)
             self.source = await source.inspect(conn, cfg.source)
+
+    async def _starting(self, step: Callable[[], Awaitable[None]], what: str) -> bool:
+        """A start-up step, retried while the database is away: it may go between the pool's
+        first connection and any step (G10; the chaos soak saw replicas exit 1 there). False:
+        stopped meanwhile."""
+        try:
+            await db.retrying(step, what=what, stop=self.stop)
+        except DatabaseError:
+            if not self.stop.is_set():
+                raise
+            logger.info("stopped while waiting for the database")
+            return False
+        return True
+
+    async def _start(self, pool: asyncpg.Pool) -> int:
+        cfg = self.config
+        if not await self._starting(lambda: self._prepare(pool), "start"):
+            return 0
         if not self.source.has_keyset_index:
             logger.warning(
                 "no index on ({}, {}) of {}: every poll scans the table",
@@ -133,6 +154,7 @@ class Daemon:
             cfg.queue.name,
             worker=self.worker_id,
             lease=cfg.queue.retry_after,
+            request_timeout=cfg.api.timeout,
         )
         self.work_ready = asyncio.Event()
         self.forming = asyncio.Lock()
@@ -147,7 +169,8 @@ class Daemon:
 
     async def _supervise(self) -> int:
         cfg = self.config
-        await self._register()
+        if not await self._starting(self._register, "register"):
+            return 0
         tasks = {
             asyncio.create_task(self.poller.run(self.stop), name="poller"),
             asyncio.create_task(self.poller.run_rereads(self.stop), name="lookback re-read"),
@@ -215,6 +238,7 @@ class Daemon:
             cfg.queue.name,
             worker=f"{self.worker_id}/w{n}",
             lease=cfg.queue.retry_after,
+            request_timeout=cfg.api.timeout,
         )
         try:
             await self._batches(n, queue)

@@ -80,15 +80,26 @@ class Backlog:
 
 
 class Queue:
-    def __init__(self, pool: asyncpg.Pool, schema: str, name: str, *, worker: str, lease: float) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        schema: str,
+        name: str,
+        *,
+        worker: str,
+        lease: float,
+        request_timeout: float = 0.0,
+    ) -> None:
         self.pool = pool
         self.name = name
         self.worker = worker
         self.lease = lease  # seconds
+        # api.timeout: an abandoned batch's unanswered request may be in flight this long (G6)
+        self.request_timeout = request_timeout
         self.sql = db.queries("queue", schema)
 
     async def has_work(self) -> bool:
-        return bool(await self.pool.fetchval(self.sql["has_work"], self.name))
+        return bool(await self.pool.fetchval(self.sql["has_work"], self.name, self.request_timeout))
 
     async def has_ready(self) -> bool:
         return bool(await self.pool.fetchval(self.sql["has_ready"]))
@@ -101,7 +112,9 @@ class Queue:
 
     async def claim_open_batch(self) -> Batch | None:
         """A released or abandoned batch, if one is due."""
-        row = await self.pool.fetchrow(self.sql["claim_open_batch"], self.name, self.worker, self.lease)
+        row = await self.pool.fetchrow(
+            self.sql["claim_open_batch"], self.name, self.worker, self.lease, self.request_timeout
+        )
         if row is None:
             return None
         return Batch(
@@ -202,7 +215,9 @@ class Queue:
         ids = sorted(seqs)
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(self.sql["lock_users"], db.text_array(ids))
-            await conn.execute(self.sql["mark_unsubscribed"], batch.id, ids, [seqs[u] for u in ids])
+            await conn.execute(
+                self.sql["mark_unsubscribed"], batch.id, ids, [seqs[u] for u in ids], self.worker
+            )
 
     async def members_of(self, batch: Batch) -> list[str]:
         """The users sync_state puts in the batch (also those taken but not yet recorded)."""
@@ -237,6 +252,7 @@ class Queue:
                 db.text_array([s.email for s in ordered]),
                 [s.tags for s in ordered],
                 [s.again for s in ordered],
+                self.worker,
             )
 
     async def resolve_failures(self, user_ids: Sequence[str]) -> int:
@@ -264,7 +280,7 @@ class Queue:
     async def finish(
         self, batch: Batch, status: str, *, http_status: int | None = None, error: str | None = None
     ) -> None:
-        await self.pool.execute(self.sql["finish_batch"], batch.id, status, http_status, error)
+        await self.pool.execute(self.sql["finish_batch"], batch.id, status, http_status, error, self.worker)
 
     async def release_mine(self, *, due_in: float = 0.0) -> str:
         """Shutdown: every batch this worker holds goes back to the queue."""

@@ -33,11 +33,12 @@ def queue(pool: asyncpg.Pool, worker: str = "test/w0") -> Queue:
     return Queue(pool, "usersync", "user-sync", worker=worker, lease=30.0)
 
 
-async def hold(pool: asyncpg.Pool, user_ids: list[str]) -> Batch:
-    """A claimed batch holding these (staged) users."""
+async def hold(pool: asyncpg.Pool, user_ids: list[str], worker: str = "test/w0") -> Batch:
+    """A batch claimed by `worker`, holding these (staged) users."""
     batch_id = await pool.fetchval(
-        "INSERT INTO usersync.batches (queue, user_ids, claimed_by) VALUES ('user-sync', $1, 'test/w0') RETURNING id",
+        "INSERT INTO usersync.batches (queue, user_ids, claimed_by) VALUES ('user-sync', $1, $2) RETURNING id",
         user_ids,
+        worker,
     )
     await pool.execute(
         "INSERT INTO usersync.sync_state AS s (user_id, seen_updated_at, batch_id, stage_seq)"
@@ -104,7 +105,7 @@ async def test_two_batches_finishing_at_once_resolve_their_shared_failure(pool: 
     """A failure of users 1 and 2; user 1's batch and user 2's batch are marked sent at the same
     moment, each commit held back until both have looked: the failure is resolved."""
     q1, q2 = queue(pool, "test/w1"), queue(pool, "test/w2")
-    first, second = await hold(pool, ["1"]), await hold(pool, ["2"])
+    first, second = await hold(pool, ["1"], "test/w1"), await hold(pool, ["2"], "test/w2")
     await q1.record_failure("rejected", ["1", "2"], "HTTP 422")
     # every commit that touches sync_state waits a moment: both transactions are open together
     await pool.execute(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -14,7 +15,7 @@ import pytest
 from usersyncd import api, db, source
 from usersyncd.config import Config
 from usersyncd.fakeapi import FakeApi
-from usersyncd.queue import Queue
+from usersyncd.queue import Queue, Sent
 from usersyncd.quota import Quota
 from usersyncd.worker import SyncUserBatch
 
@@ -104,6 +105,67 @@ async def test_reclaimed_batch_with_its_users_already_sent_waits_for_no_slot(bed
     assert await bed.pool.fetchval("SELECT status FROM usersync.batches WHERE id = $1", batch_id) == "done"
     assert await bed.pool.fetchval("SELECT count(*) FROM usersync.requests") == 5
     assert bed.fake.requests == []
+
+
+async def test_an_answer_recorded_after_a_takeover_leaves_the_batch_to_its_new_worker(bed: Bed) -> None:
+    """G6, found by the chaos soak (tests/soak, seed 1275): worker A's request was accepted, then
+    the database went away; A's lease ran out meanwhile, and B took the batch over and sent it
+    again (a slow answer). A's bookkeeping, reaching the database now, must neither free the
+    users (a change of one would go out in a second request while B's is in flight) nor finish
+    the batch: both are B's, who sends and records them. (Before the fix both went through.)"""
+    batch_id = await stage_batch(bed.pool, ["1", "2"])
+    old = Queue(bed.pool, "usersync", "user-sync", worker="test/a", lease=30.0)
+    new = Queue(bed.pool, "usersync", "user-sync", worker="test/b", lease=30.0)
+    mine = await old.claim_open_batch()
+    assert mine is not None and mine.id == batch_id
+    await bed.pool.execute("UPDATE usersync.batches SET lease_until = clock_timestamp() - interval '1 s'")
+    theirs = await new.claim_open_batch()
+    assert theirs is not None and theirs.id == batch_id and await new.hold(theirs)
+
+    sent = [
+        Sent(u, b"h" + u.encode(), datetime.now(UTC), 1, f"user{u}@example.com", None) for u in ("1", "2")
+    ]
+    await old.mark_sent(mine, sent)
+    await old.finish(mine, "done")
+    held = "SELECT count(*) FROM usersync.sync_state WHERE batch_id = $1"
+    assert await bed.pool.fetchval(held, batch_id) == 2
+    row = await bed.pool.fetchrow("SELECT status, claimed_by FROM usersync.batches WHERE id = $1", batch_id)
+    assert (row["status"], row["claimed_by"]) == ("claimed", "test/b")
+
+    await new.mark_sent(theirs, sent)
+    await new.finish(theirs, "done")
+    assert await bed.pool.fetchval(held, batch_id) == 0
+    assert await bed.pool.fetchval("SELECT status FROM usersync.batches WHERE id = $1", batch_id) == "done"
+
+
+async def test_an_abandoned_batch_waits_out_its_unanswered_request(bed: Bed) -> None:
+    """G6, found by the chaos soak: worker A lost the database with a request of the batch in
+    flight, and its lease ran out (queue.retry_after below api.timeout). B does not take the batch
+    over until api.timeout after that request started; a recorded answer frees it at once."""
+    batch_id = await stage_batch(bed.pool, ["1", "2"])
+    await bed.pool.execute(
+        "UPDATE usersync.batches SET status = 'claimed', claimed_by = 'test/a',"
+        " lease_until = clock_timestamp() - interval '1 s'"
+    )
+    request_id = await bed.pool.fetchval(
+        "INSERT INTO usersync.requests (kind, batch_id, attempt, users, worker, started_at)"
+        " VALUES ('send', $1, 1, 2, 'test/a', clock_timestamp() - interval '1 s') RETURNING id",
+        batch_id,
+    )
+    other = Queue(bed.pool, "usersync", "user-sync", worker="test/b", lease=3.0, request_timeout=5.0)
+    assert not await other.has_work()
+    assert await other.claim_open_batch() is None
+    await bed.pool.execute("UPDATE usersync.requests SET started_at = clock_timestamp() - interval '6 s'")
+    assert await other.has_work()
+    taken = await other.claim_open_batch()
+    assert taken is not None and taken.id == batch_id
+
+    # answered: nothing is in flight, the batch is taken over as soon as its lease ran out
+    await bed.pool.execute(
+        "UPDATE usersync.batches SET claimed_by = 'test/a', lease_until = clock_timestamp() - interval '1 s';"
+        " UPDATE usersync.requests SET started_at = clock_timestamp(), outcome = 'ok'"
+    )
+    assert request_id is not None and (await other.claim_open_batch()) is not None
 
 
 async def test_reclaimed_batch_with_every_attempt_spent_is_dead_lettered_not_sent(bed: Bed) -> None:

@@ -2,11 +2,15 @@
 -- {schema} is the quoted state schema. Every statement here is one transaction.
 
 -- has_work --
--- Is there anything a worker could send now? (ready users, or a released / abandoned batch)
+-- Is there anything a worker could send now? (ready users, or a released / abandoned batch;
+-- $2: api.timeout, see claim_open_batch)
 SELECT EXISTS (SELECT 1 FROM {schema}.sync_state WHERE dirty AND batch_id IS NULL)
-    OR EXISTS (SELECT 1 FROM {schema}.batches
+    OR EXISTS (SELECT 1 FROM {schema}.batches b
                WHERE queue = $1 AND coalesce(not_before, '-infinity') <= clock_timestamp()
-                 AND (status = 'pending' OR (status = 'claimed' AND lease_until < clock_timestamp())));
+                 AND (status = 'pending' OR (status = 'claimed' AND lease_until < clock_timestamp()
+                      AND NOT EXISTS (SELECT 1 FROM {schema}.requests r
+                                      WHERE r.batch_id = b.id AND r.outcome IS NULL
+                                        AND r.started_at > clock_timestamp() - make_interval(secs => $2)))));
 
 -- has_ready --
 -- Is any user waiting to be taken into a batch?
@@ -26,6 +30,9 @@ SELECT EXISTS (SELECT 1 FROM {schema}.sync_state WHERE dirty AND batch_id IS NUL
 -- Its users are those sync_state still puts in it: a worker killed between taking users and
 -- recording them in user_ids (or after sending part of them) leaves user_ids stale, and a user
 -- whose sync_state points at a finished batch would wait forever.
+-- An abandoned batch whose last request started less than $4 seconds (api.timeout) ago and has
+-- no answer recorded waits: its worker lost the database, not necessarily the request, which
+-- may still be in flight until its timeout (G6; found by the chaos soak).
 UPDATE {schema}.batches b
 SET status = 'claimed', claimed_by = $2, lease_until = clock_timestamp() + make_interval(secs => $3),
     user_ids = ARRAY(SELECT s.user_id FROM {schema}.sync_state s WHERE s.batch_id = b.id ORDER BY s.user_id)
@@ -34,7 +41,10 @@ WHERE b.id = (
     WHERE queue = $1
       AND ((status = 'pending' AND coalesce(not_before, '-infinity') <= clock_timestamp())
         OR (status = 'claimed' AND lease_until < clock_timestamp()
-            AND coalesce(not_before, '-infinity') <= clock_timestamp()))
+            AND coalesce(not_before, '-infinity') <= clock_timestamp()
+            AND NOT EXISTS (SELECT 1 FROM {schema}.requests r
+                            WHERE r.batch_id = batches.id AND r.outcome IS NULL
+                              AND r.started_at > clock_timestamp() - make_interval(secs => $4))))
     ORDER BY lane, id
     LIMIT 1
     FOR UPDATE SKIP LOCKED
@@ -136,7 +146,10 @@ UPDATE {schema}.sync_state SET batch_id = NULL WHERE batch_id = $1 AND user_id =
 -- The API accepted these users with these contents ($2 ids, $3 hashes, $4 updated_at read,
 -- $5 stage_seq when read, $6 the email the API now keys each by, $7 the tags sent as JSON or
 -- NULL, $8 sent under another email than its row's): they wait again only if staged again
--- since, or $8.
+-- since, or $8. Only while the batch is still worker $9's: a batch taken over (its lease ran
+-- out while the database was away) may be in flight again under its new worker, and freeing
+-- its users now would let a change of one go out in a second request at the same time (G6);
+-- the new worker sends them again and records that.
 UPDATE {schema}.sync_state s
 SET batch_id = NULL,
     sent_hash = r.hash,
@@ -152,13 +165,15 @@ SET batch_id = NULL,
     dirty = s.stage_seq > r.seq OR r.again
 FROM unnest($2::text::text[], $3::bytea[], $4::text::timestamptz[], $5::bigint[], $6::text::text[], $7::jsonb[], $8::bool[])
     AS r(user_id, hash, read_at, seq, email, tags, again)
-WHERE s.user_id = r.user_id AND s.batch_id = $1;
+WHERE s.user_id = r.user_id AND s.batch_id = $1
+  AND EXISTS (SELECT 1 FROM {schema}.batches b WHERE b.id = $1 AND b.claimed_by = $9 AND b.status = 'claimed');
 
 -- mark_unsubscribed --
 -- The API accepted the unsubscribe of these users ($2 ids, $3 stage_seq when read): settled as
 -- 'gone'. What it last accepted is forgotten (a row that comes back is sent again, whole, with
--- "status": "active"); sent_email and sent_tags stay: the subscriber keeps them at the API. They wait again only
--- if staged again since.
+-- "status": "active"); sent_email and sent_tags stay: the subscriber keeps them at the API.
+-- They wait again only if staged again since. Only while the batch is still worker $4's (as
+-- mark_sent).
 UPDATE {schema}.sync_state s
 SET batch_id = NULL,
     sent_hash = NULL,
@@ -168,7 +183,8 @@ SET batch_id = NULL,
     settled = 'gone',
     dirty = s.stage_seq > r.seq
 FROM unnest($2::text[], $3::bigint[]) AS r(user_id, seq)
-WHERE s.user_id = r.user_id AND s.batch_id = $1;
+WHERE s.user_id = r.user_id AND s.batch_id = $1
+  AND EXISTS (SELECT 1 FROM {schema}.batches b WHERE b.id = $1 AND b.claimed_by = $4 AND b.status = 'claimed');
 
 -- resolve_failures --
 -- Open failures of users $1 whose every user is settled (sent, unchanged or gone) since it
@@ -215,11 +231,12 @@ FROM (
 WHERE f.id = v.id AND f.resolved_at IS NULL AND f.last_failed_at = v.last_failed_at;
 
 -- finish_batch --
--- A batch ends: done (everything sent or dead-lettered) or failed.
+-- A batch ends: done (everything sent or dead-lettered) or failed. Only by its worker $5 (see
+-- mark_sent): a batch another worker took over is that worker's to finish.
 UPDATE {schema}.batches
 SET status = $2, finished_at = clock_timestamp(), claimed_by = NULL, lease_until = NULL,
     last_status = $3, last_error = $4
-WHERE id = $1;
+WHERE id = $1 AND claimed_by = $5 AND status = 'claimed';
 
 -- spend_attempt --
 -- One more attempt spent on the batch; the next starts no earlier than $2 seconds from now.
