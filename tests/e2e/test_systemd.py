@@ -194,8 +194,12 @@ async def test_sigterm_while_waiting_for_the_database_at_start_exits_0_at_once(
         # a hanging attempt (silent) fails only at the connect timeout: READY comes after 5 s anyway
         await notify_socket.receive_until("STATUS=waiting for the database", timeout=15)
         assert "READY=1" in notify_socket.text()
-        await notify_socket.collect_for(1.0)  # into the backoff's sleep, or the hanging attempt
-        assert len(notify_socket.times("WATCHDOG=1")) >= 2
+        # into the backoff's sleep, or the hanging attempt: pings a second apart, and never as
+        # far apart as WATCHDOG_USEC (3 s), when systemd would kill the service
+        await notify_socket.collect_for(3.5)
+        pings = notify_socket.times("WATCHDOG=1")
+        assert len(pings) >= 2, pings
+        assert max(b - a for a, b in itertools.pairwise(pings)) < 3.0, pings
         assert proc.returncode is None
         signalled = loop.time()
         proc.send_signal(signal.SIGTERM)

@@ -33,8 +33,8 @@ import asyncpg
 
 from usersyncd import db, records
 from usersyncd.config import ApiConfig, SourceConfig
-from usersyncd.demo import seed_users
 from usersyncd.fakeapi import FakeApiProcess
+from usersyncd.seed import seed_users
 
 TESTS = Path(__file__).resolve().parents[1]
 
