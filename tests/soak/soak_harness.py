@@ -236,7 +236,8 @@ class Writer:
         self.users = users
         self.renames, self.deletes = features()
         self.hot = [rng.randint(1, users) for _ in range(50)]
-        self.old_emails: set[str] = set()  # emails a rename replaced (or may have: noted before it ran)
+        # emails a rename replaced (or may have: noted before it ran), and whose they were
+        self.old_emails: dict[str, int] = {}
         self.deleted: dict[int, tuple[str, str, str]] = {}
         self.invalid: list[int] = []  # ids the writer added with invalid data
         self.next_id = NEW_IDS
@@ -310,7 +311,7 @@ class Writer:
         user = self._pick()
         rows = await self._execute("", "SELECT email FROM users WHERE id = $1", user)
         if rows:
-            self.old_emails.add(rows[0]["email"])  # before: whether the UPDATE commits is unknown
+            self.old_emails[rows[0]["email"]] = user  # before: whether the UPDATE commits is unknown
             await self._execute(
                 "rename",
                 "UPDATE users SET email = $2, updated_at = clock_timestamp() WHERE id = $1",
@@ -778,9 +779,25 @@ class Soak:
             found.append(f"G12: {len(inactive)} current users not active, e.g. {inactive[:3]}")
         extra = sorted(set(state) - set(valid))
         renamed = [e for e in extra if e in writer.old_emails]
+        if self.deletes and renamed:
+            # renamed, then deleted before the rename went: the API never knew the new email,
+            # and the subscriber it holds, under the old one, is unsubscribed (G12); not a rename left behind
+            present = {
+                r["id"]
+                for r in await conn.fetch(
+                    "SELECT id FROM users WHERE id = ANY($1::bigint[])",
+                    [writer.old_emails[e] for e in renamed],
+                )
+            }
+            renamed = [
+                e
+                for e in renamed
+                if writer.old_emails[e] in present or state[e].get("status") != "unsubscribed"
+            ]
         if renamed:
             found.append(
                 f"G12: {len(renamed)} old emails still subscribed after a rename, e.g. {renamed[:3]}"
+                + await self._explain(conn, renamed[0])
             )
         gone = [e for e in extra if e not in writer.old_emails]
         if self.deletes:
@@ -800,6 +817,27 @@ class Soak:
         if left:
             found.append(f"G13: {len(left)} open failures of valid or absent users, e.g. {left[:3]}")
         return found
+
+    async def _explain(self, conn: asyncpg.Connection, email: str) -> str:
+        """What the table, the state and the API hold for the user of `email`, to debug with."""
+        state = await conn.fetch(
+            "SELECT user_id, dirty, gone, batch_id, sent_email, pending_email, unsubscribed_at"
+            " FROM usersync.sync_state WHERE sent_email = $1 OR pending_email = $1 OR user_id = $2",
+            email,
+            email.split("@")[0].removeprefix("user").split(".")[0],
+        )
+        lines = [f"\n    API {email}: {self.api.state.get(email)}"]
+        for row in state:
+            current = await conn.fetchrow("SELECT email FROM users WHERE id::text = $1", row["user_id"])
+            lines.append(f"\n    sync_state {dict(row)}; row {dict(current) if current else None}")
+            if current is not None:
+                lines.append(f"\n    API {current['email']}: {self.api.state.get(current['email'])}")
+        emails = ({email} | {r["sent_email"] for r in state} | {r["pending_email"] for r in state}) - {None}
+        for req in self.api.requests:
+            for sub in req.subscribers:
+                if isinstance(sub, dict) and emails & {sub.get("email"), sub.get("new_email")}:
+                    lines.append(f"\n    request {req.path} {req.status} at {req.arrived:.3f}: {sub}")
+        return "".join(lines[:40])
 
     async def _quiesce(self, conn: asyncpg.Connection, writer: Writer, deadline: float) -> None:
         """Wait for the mirror to be exact and the queue empty; a problem for what is not."""
