@@ -33,7 +33,7 @@ def main() -> int:
         "--workdir", type=Path, default=None, help="logs and configs (default: a new temp dir)"
     )
     parser.add_argument(
-        "--json", type=Path, default=Path("bench-soak.json"), help="where to write the report"
+        "--json", type=Path, default=REPO / "bench" / "results" / "soak.json", help="where to write the report"
     )
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
@@ -45,6 +45,7 @@ def main() -> int:
     report = asyncio.run(
         soak(settings, out=lambda line: print(line, flush=True), stop_on=(signal.SIGINT, signal.SIGTERM))
     )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report.as_json(), indent=2) + "\n", encoding="utf-8")
     return 0 if report.ok else 1
 

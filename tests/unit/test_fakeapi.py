@@ -226,7 +226,7 @@ async def test_reject_emails_names_each_offending_index(fake: FakeApi, client: h
 
 async def test_concurrent_update_of_one_subscriber_is_409(fake: FakeApi, client: httpx.AsyncClient) -> None:
     """While a request holding a@ is in flight (latency), another one with a@ gets 409."""
-    fake.latency = 0.3
+    fake.latency = 2.0  # the clash must arrive while it is open, on a busy machine too
     first = asyncio.create_task(client.post(PATH, json=batch("a@x.io", name="first")))
     await fake.wait_for(lambda f: f.stats()["in_flight"] == 1, timeout=2)
     clash = await client.post(PATH, json=batch("c@x.io", "a@x.io"))
@@ -411,7 +411,7 @@ async def test_process_script_latency_conflicts_and_wait_for(remote: FakeApiProc
         ]
         slow = remote.requests[3]
         assert slow.ended is not None and slow.ended - slow.arrived >= 0.2
-        remote.latency = 0.5
+        remote.latency = 2.0  # the clash must arrive while it is open, on a busy machine too
         first = asyncio.create_task(c.post(PATH, json=batch("a@x.io")))
         await remote.wait_for(lambda api: api.stats()["in_flight"] == 1, timeout=5)
         assert remote.requests[-1].status == 0 and remote.requests[-1].ended is None
