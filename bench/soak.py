@@ -33,7 +33,10 @@ def main() -> int:
         "--workdir", type=Path, default=None, help="logs and configs (default: a new temp dir)"
     )
     parser.add_argument(
-        "--json", type=Path, default=REPO / "bench" / "results" / "soak.json", help="where to write the report"
+        "--json",
+        type=Path,
+        default=REPO / "bench" / "results" / "soak.json",
+        help="where to write the report",
     )
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
