@@ -28,9 +28,12 @@ class DryRunReport:
     unchanged: int = 0
     invalid: Counter[str] = field(default_factory=Counter)  # API field -> count
     sample: dict[str, Any] | None = None
+    null_updated_at: int = 0  # of rows_read: updated_at NULL (G14), read by id
+    gone: int = 0  # subscribed at the API, no row passes the filter (G12)
+    to_unsubscribe: int = 0  # of them, what on_delete = "unsubscribe" sends
 
     def batches(self, batch_size: int) -> int:
-        return math.ceil(self.to_send / batch_size)
+        return math.ceil(self.to_send / batch_size) + math.ceil(self.to_unsubscribe / batch_size)
 
 
 async def dry_run(config: Config) -> DryRunReport:
@@ -48,6 +51,9 @@ async def dry_run(config: Config) -> DryRunReport:
         users_to_send=report.to_send,
         unchanged=report.unchanged,
         invalid=dict(report.invalid),
+        null_updated_at=report.null_updated_at,
+        users_gone=report.gone,
+        users_to_unsubscribe=report.to_unsubscribe,
         batches=batches,
         eta_s=round(windows * config.limits.span, 1),
         sample=report.sample,
@@ -81,20 +87,24 @@ async def _scan(conn: asyncpg.Connection, config: Config, src: source.Source) ->
         f"({upd}, {uid}) > ($1::timestamptz, $2::text::{src.id_type})",
         f"{upd} >= $1::timestamptz AND $2::text IS NULL",
     )
+    nulls_sql = f"""
+        SELECT {uid}::text AS id FROM {src.table}
+        WHERE {upd} IS NULL AND {uid} > $1::text::{src.id_type} AND {src.where_filter}
+        ORDER BY {uid} LIMIT {PAGE}
+    """
+    first_nulls_sql = nulls_sql.replace(f"{uid} > $1::text::{src.id_type}", "$1::text IS NULL")
     report = DryRunReport()
-    key: tuple[Any, str | None] = (start, None)
-    while True:
-        rows = await conn.fetch(first_sql if key[1] is None else page_sql, *key)
-        if not rows:
-            return report
-        ids = [r["id"] for r in rows]
+
+    async def count(ids: list[str]) -> None:
         current = await src.fetch(conn, ids)
         hashes: dict[str, bytes] = {}
         if state_exists:
             hashes = {
                 r["user_id"]: r["sent_hash"]
                 for r in await conn.fetch(
-                    f"SELECT user_id, sent_hash FROM {schema}.sync_state WHERE user_id = ANY($1::text[])",
+                    # an unsubscribed user whose row is back goes again, as "active" (G12)
+                    f"SELECT user_id, sent_hash FROM {schema}.sync_state"
+                    " WHERE user_id = ANY($1::text[]) AND unsubscribed_at IS NULL",
                     ids,
                 )
             }
@@ -112,4 +122,20 @@ async def _scan(conn: asyncpg.Connection, config: Config, src: source.Source) ->
                 report.to_send += 1
                 if report.sample is None:
                     report.sample = records.redacted_sample(result)
+
+    key: tuple[Any, str | None] = (start, None)
+    while rows := await conn.fetch(first_sql if key[1] is None else page_sql, *key):
+        await count([r["id"] for r in rows])
         key = (rows[-1]["updated_at"], rows[-1]["id"])
+    # rows whose updated_at is NULL: no keyset by it reaches them; the daemon's sweep reads them by id
+    after: str | None = None
+    while rows := await conn.fetch(first_nulls_sql if after is None else nulls_sql, after):
+        before = report.rows_read
+        await count([r["id"] for r in rows])
+        report.null_updated_at += report.rows_read - before
+        after = rows[-1]["id"]
+    if state_exists:
+        report.gone = await conn.fetchval(src.held_gone_count_sql(config.database.state_schema))
+        if config.source.on_delete == "unsubscribe":
+            report.to_unsubscribe = report.gone
+    return report

@@ -192,7 +192,6 @@ class Source:
         that passes the filter (an anti-join by the source's id) are marked `gone`, dirty with
         $3 (on_delete = "unsubscribe": they wait, paced, for an unsubscribe batch). With $3
         false a user already gone is left alone. Returns users checked, the last one, users found."""
-        uid = db.quote_ident(self.config.id_column)
         state = db.quote_ident(state_schema)
         after = "user_id > $1::text" if has_cursor_id else "$1::text IS NULL"
         return f"""
@@ -203,10 +202,7 @@ class Source:
                 SELECT c.user_id AS "__usersyncd_id" FROM chunk AS c
                 WHERE c.sent_email IS NOT NULL AND c.unsubscribed_at IS NULL
                   AND NOT c.dirty AND c.batch_id IS NULL AND (NOT c.gone OR $3::boolean)
-                  AND NOT EXISTS (
-                      SELECT 1 FROM {self.table}
-                      WHERE {self.table}.{uid} = c.user_id::{self.id_type} AND {self.where_filter}
-                  )
+                  AND {self._no_row("c")}
             ), locked AS (
                 SELECT s.user_id FROM {state}.sync_state AS s
                 WHERE s.user_id IN (SELECT "__usersyncd_id" FROM missing)
@@ -228,6 +224,23 @@ class Source:
             SELECT (SELECT count(*) FROM chunk) AS checked,
                    (SELECT user_id FROM chunk ORDER BY user_id DESC LIMIT 1) AS last_id,
                    (SELECT count(*) FROM marked) AS found
+        """
+
+    def _no_row(self, state_alias: str) -> str:
+        """No row of the source passes the filter for the sync_state user `state_alias`."""
+        uid = db.quote_ident(self.config.id_column)
+        return f"""NOT EXISTS (
+                      SELECT 1 FROM {self.table}
+                      WHERE {self.table}.{uid} = {state_alias}.user_id::{self.id_type} AND {self.where_filter}
+                  )"""
+
+    def held_gone_count_sql(self, state_schema: str) -> str:
+        """Users the API holds subscribed (an accepted email, not unsubscribed) with no row that
+        passes the filter, found by the reconciliation pass or not yet (for `run --dry-run`)."""
+        state = db.quote_ident(state_schema)
+        return f"""
+            SELECT count(*) FROM {state}.sync_state AS c
+            WHERE c.sent_email IS NOT NULL AND c.unsubscribed_at IS NULL AND {self._no_row("c")}
         """
 
     def null_count_sql(self) -> str:

@@ -183,6 +183,58 @@ async def test_dry_run_sends_nothing_and_changes_nothing(
     assert await conn.fetchval("SELECT to_regclass('usersync.cursors')") is None
 
 
+async def test_dry_run_counts_null_versions_and_the_users_to_unsubscribe(
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApi,
+    seed: Any,
+    make_config: Callable[..., Path],
+    spawn: Any,
+) -> None:
+    """After a sync, 5 rows changed with updated_at set NULL (G14) and 7 deleted (G12): --dry-run
+    counts the 5 to send (read by id, as the daemon's sweep does) and the 7 gone, to unsubscribe
+    with on_delete = "unsubscribe" and only counted with "ignore"; it sends nothing."""
+    account = "1234567"
+    fake_api.flavour, fake_api.auth, fake_api.account_id = "drip", "basic", account
+    await seed(conn, 300)
+    drip = {
+        "url": fake_api.url,
+        "key": "test-key",
+        "auth": "basic",
+        "account_id": account,
+        "batch_path": "/v2/{account_id}/subscribers/batches",
+    }
+    unsubscribing = make_config(
+        database_url,
+        fake_api.url,
+        **fast(
+            api={**drip, "unsubscribe_path": "/v2/{account_id}/unsubscribes/batches"},
+            source={"on_delete": "unsubscribe"},
+        ),
+    )
+    synced = await spawn(unsubscribing, "run", "--once")
+    assert await synced.wait(timeout=60) == 0, synced.text()[-2000:]
+    assert len(fake_api.state) == 300
+    sent = len(fake_api.requests)
+    await conn.execute("ALTER TABLE users ALTER COLUMN updated_at DROP NOT NULL")
+    await conn.execute(
+        "UPDATE users SET name = name || ' (null)', updated_at = NULL WHERE id BETWEEN 11 AND 15"
+    )
+    await conn.execute("DELETE FROM users WHERE id BETWEEN 101 AND 107")
+
+    reports = []
+    for config in (unsubscribing, make_config(database_url, fake_api.url, **fast(api=drip))):
+        daemon = await spawn(config, "run", "--dry-run")
+        assert await daemon.wait(timeout=60) == 0, daemon.text()[-2000:]
+        reports.append(next(e for e in daemon.logs() if e.get("message", "").startswith("dry run")))
+    unsubscribe, ignore = reports
+    assert unsubscribe["users_to_send"] == 5 and unsubscribe["null_updated_at"] == 5
+    assert unsubscribe["users_gone"] == 7 and unsubscribe["users_to_unsubscribe"] == 7
+    assert unsubscribe["batches"] == 2  # one of subscribers, one of unsubscribes
+    assert ignore["users_gone"] == 7 and ignore["users_to_unsubscribe"] == 0 and ignore["batches"] == 1
+    assert len(fake_api.requests) == sent
+
+
 async def test_example_config_runs_and_stops_on_ctrl_c(
     conn: asyncpg.Connection, database_url: str, seed: Any, tmp_path: Path
 ) -> None:
