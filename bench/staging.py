@@ -129,7 +129,9 @@ async def main() -> None:
     )
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--settle", type=float, default=5.0, help="seconds the daemon runs after its first request")
+    parser.add_argument(
+        "--settle", type=float, default=5.0, help="seconds the daemon runs after its first request"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     path = args.json or REPO / "bench" / "results" / f"staging-{args.rows}.json"
@@ -166,7 +168,9 @@ async def main() -> None:
         f" {daemon['first_request_s']:>16.2f} {daemon['daemon_peak_rss_mb']:>14.0f}"
         f" {daemon['daemon_staged']:>14,.0f}"
     )
-    print(f"(staged rows/s: median of {args.runs} runs; daemon: one run, {args.settle:g} s after its first request)")
+    print(
+        f"(staged rows/s: median of {args.runs} runs; daemon: one run, {args.settle:g} s after its first request)"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written: {path}")

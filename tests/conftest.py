@@ -119,11 +119,7 @@ def make_config(tmp_path: Path) -> Callable[..., Path]:
     """`make_config(database_url, api_url, limits={...})` writes a config file for this test."""
     counter = iter(range(1_000_000))
 
-    def make(
-        database_url: str, api_url: str = "http://127.0.0.1:9", **sections: dict[str, Any]
-    ) -> Path:
-        return write_config(
-            tmp_path / f"usersync-{next(counter)}.toml", database_url, api_url, **sections
-        )
+    def make(database_url: str, api_url: str = "http://127.0.0.1:9", **sections: dict[str, Any]) -> Path:
+        return write_config(tmp_path / f"usersync-{next(counter)}.toml", database_url, api_url, **sections)
 
     return make

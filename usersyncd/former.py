@@ -44,7 +44,9 @@ ACTIVE = {"status": "active"}  # Drip re-subscribes an unsubscribed subscriber o
 class Member(NamedTuple):  # a tuple: one per user sent, ~5x cheaper to make than a frozen dataclass
     user_id: str
     payload: dict[str, Any]  # the body sent: the row's, as a rename and with remove_tags if need be
-    hash: bytes  # of the row's payload (G4): what the user's data is, whatever the body; b"" for an unsubscribe
+    hash: (
+        bytes  # of the row's payload (G4): what the user's data is, whatever the body; b"" for an unsubscribe
+    )
     read_at: str | None  # the row's version when read (`Source.version_sql`; None: no row, an unsubscribe)
     seq: int  # the user's stage_seq when read: staged again since means send again
     email: str  # the email the API keys the subscriber by once this is accepted (G12)
@@ -152,7 +154,9 @@ class Former:
                 break
             taken_so_far += len(taken)
             lanes.update((user_id, lane) for user_id, (lane, _) in taken.items())
-            members += await self.prepare(batch, list(taken), {user_id: k for user_id, (_, k) in taken.items()})
+            members += await self.prepare(
+                batch, list(taken), {user_id: k for user_id, (_, k) in taken.items()}
+            )
             if len(taken) < ask or loop.time() >= deadline:
                 break
         if len(members) > size:  # a round took more than was needed: the rest wait again
@@ -163,7 +167,9 @@ class Former:
         await self.queue.set_members(batch, [m.user_id for m in members], lane)
         if members:
             renames = sum(1 for m in members if records.NEW_EMAIL in m.payload)
-            log = self.log.bind(batch_id=batch.id, users=len(members), lane=lane_name(lane), action=batch.action)
+            log = self.log.bind(
+                batch_id=batch.id, users=len(members), lane=lane_name(lane), action=batch.action
+            )
             (log.bind(renames=renames) if renames else log).info("batch created")
         return members
 

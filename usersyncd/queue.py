@@ -66,7 +66,9 @@ def _known(row: asyncpg.Record) -> Known:
     return Known(
         row["sent_hash"],
         row["stage_seq"],
-        records.Prior(row["sent_email"], row["pending_email"], json.loads(tags) if tags is not None else None),
+        records.Prior(
+            row["sent_email"], row["pending_email"], json.loads(tags) if tags is not None else None
+        ),
         row["unsubscribed_at"],
     )
 

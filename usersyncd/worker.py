@@ -224,7 +224,9 @@ class SyncUserBatch:
             raise Stopping()
         subscribers = [m.payload for m in members]
         subscribers += [{records.EMAIL: m.also} for m in members if m.also]  # unsubscribes' other email
-        outcome = await self.client.send(subscribers, batch_id=batch.id, attempt=attempt_no, action=batch.action)
+        outcome = await self.client.send(
+            subscribers, batch_id=batch.id, attempt=attempt_no, action=batch.action
+        )
         await self.quota.record(slot, **outcome.ledger_fields())
         self.metrics.observe_request(outcome.kind.value, outcome.duration_ms)
         log = self.log.bind(

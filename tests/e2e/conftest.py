@@ -29,10 +29,21 @@ class DaemonProcess:
 
     async def start(self) -> DaemonProcess:
         self._log = open(self.log_path, "ab")
-        env = {k: v for k, v in os.environ.items() if k not in ("USER_API_KEY", "USER_API_URL", "USERSYNCD_DATABASE_URL")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("USER_API_KEY", "USER_API_URL", "USERSYNCD_DATABASE_URL")
+        }
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "usersyncd", *self.args, "--config", str(self.config),
-            stdout=self._log, stderr=self._log, env=env,
+            sys.executable,
+            "-m",
+            "usersyncd",
+            *self.args,
+            "--config",
+            str(self.config),
+            stdout=self._log,
+            stderr=self._log,
+            env=env,
         )
         return self
 

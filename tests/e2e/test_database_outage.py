@@ -69,10 +69,7 @@ async def test_database_restart_mid_run_loses_nothing(
         finally:
             await conn.close()
         assert daemon.proc.returncode is None
-        assert any(
-            "database" in e.get("message", "") and e.get("level") == "WARNING"
-            for e in daemon.logs()
-        )
+        assert any("database" in e.get("message", "") and e.get("level") == "WARNING" for e in daemon.logs())
         assert await daemon.stop() == 0
         assert fake_api.violations == 0
     finally:

@@ -123,7 +123,8 @@ async def test_an_answer_recorded_after_a_takeover_leaves_the_batch_to_its_new_w
     assert theirs is not None and theirs.id == batch_id and await new.hold(theirs)
 
     sent = [
-        Sent(u, b"h" + u.encode(), str(datetime.now(UTC)), 1, f"user{u}@example.com", None) for u in ("1", "2")
+        Sent(u, b"h" + u.encode(), str(datetime.now(UTC)), 1, f"user{u}@example.com", None)
+        for u in ("1", "2")
     ]
     await old.mark_sent(mine, sent)
     await old.finish(mine, "done")

@@ -61,7 +61,9 @@ def test_bad_paths_and_names_are_one_line_config_errors(overrides: dict[str, Any
 @respx.mock
 async def test_batches_go_to_the_account_with_the_configured_user_agent() -> None:
     """The batch POST goes to the resolved path; User-Agent is api.user_agent, else usersyncd/VERSION."""
-    route = respx.post(f"{URL}/v2/9999999/subscribers/batches").mock(return_value=httpx.Response(201, json={}))
+    route = respx.post(f"{URL}/v2/9999999/subscribers/batches").mock(
+        return_value=httpx.Response(201, json={})
+    )
     async with api.ExternalUserApi(drip(user_agent="Acme sync (ops@acme.test)")) as client:
         outcome = await client.send([{"email": "a@example.com"}])
     assert outcome.kind is api.OutcomeKind.OK

@@ -112,13 +112,19 @@ async def test_rename_sent_again_after_it_landed_updates_the_renamed_one(
 
 
 async def test_a_swap_is_refused_whole(fake: FakeApi, client: httpx.AsyncClient) -> None:
-    await client.post(SUBS, json=batch({"email": "a@x.io", "first_name": "A"}, {"email": "b@x.io", "first_name": "B"}))
+    await client.post(
+        SUBS, json=batch({"email": "a@x.io", "first_name": "A"}, {"email": "b@x.io", "first_name": "B"})
+    )
     before = {e: dict(s) for e, s in fake.state.items()}
     swap = batch({"email": "a@x.io", "new_email": "b@x.io"}, {"email": "b@x.io", "new_email": "a@x.io"})
     r = await client.post(SUBS, json=swap)
     assert r.status_code == 422 and r.json() == {
         "errors": [
-            {"code": "uniqueness_error", "attribute": "new_email", "message": "New email has already been taken"}
+            {
+                "code": "uniqueness_error",
+                "attribute": "new_email",
+                "message": "New email has already been taken",
+            }
         ]
     }
     assert fake.state == before
