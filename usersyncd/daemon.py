@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import asyncpg
 from loguru import logger
 
-from usersyncd import __version__, api, db, pipeline, reconcile, redrive, source, status, systemd
+from usersyncd import __version__, api, db, pipeline, reconcile, recover, redrive, source, status, systemd
 from usersyncd.config import Config
 from usersyncd.errors import DatabaseError, UserSyncError
 from usersyncd.metrics import READY_TIMEOUT, Metrics, SnapshotCache
@@ -181,6 +181,7 @@ class Daemon:
             asyncio.create_task(
                 reconcile.run(reconcile.Reconciler(cfg, self.pool, self.source), self.stop), name="reconcile"
             ),
+            asyncio.create_task(self._recover_sent_emails(), name="recover sent emails"),
         }
         workers = {
             asyncio.create_task(self._work(n), name=f"worker-{n}") for n in range(cfg.queue.concurrency)
@@ -226,6 +227,12 @@ class Daemon:
         logger.bind(released=released).info("usersyncd stopped")
         worker_crashes = [t for t in workers - late if not t.cancelled() and t.exception() is not None]
         return 1 if crashed or finished_early or worker_crashes else 0
+
+    async def _recover_sent_emails(self) -> None:
+        """Once per start: the emails the API holds for users sent before they were kept (G12);
+        then this task has nothing more to do until the stop."""
+        await recover.Recovery(self.config, self.pool, self.source).run(self.stop)
+        await self.stop.wait()
 
     async def _work(self, n: int) -> None:
         """Run batches while there is work; wait for the poller otherwise (never spin)."""

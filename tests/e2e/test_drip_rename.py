@@ -119,3 +119,57 @@ async def test_renames_swap_and_removed_tags(
     assert fake_api.violations == 0
     created = [e for e in daemon.logs() if e.get("message") == "batch created"]
     assert sum(e.get("renames", 0) for e in created) >= len(RENAMED) + len(SWAPPED)
+
+
+async def test_users_sent_before_emails_were_kept_are_renamed_not_doubled(
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApiProcess,
+    seed: Any,
+    make_config: Callable[..., Path],
+    spawn: Any,
+) -> None:
+    """Users accepted by a version that kept only their hash (no sent_email, as before migration
+    0010): at start the email of every user whose row still hashes to what was sent is recovered
+    (one changed since stays unknown); a later email change goes as a rename, so the API keeps
+    one subscriber, under the new email."""
+    fake_api.flavour, fake_api.auth, fake_api.account_id = "drip", "basic", ACCOUNT
+    await seed(conn, 50)
+    config = make_config(
+        database_url,
+        fake_api.url,
+        **fast(
+            api={
+                "url": fake_api.url,
+                "key": "test-key",
+                "auth": "basic",
+                "account_id": ACCOUNT,
+                "batch_path": "/v2/{account_id}/subscribers/batches",
+            }
+        ),
+    )
+    synced = await spawn(config, "run", "--once")
+    assert await synced.wait(timeout=60) == 0, synced.text()[-2000:]
+    assert len(fake_api.state) == 50
+    await conn.execute("UPDATE usersync.sync_state SET sent_email = NULL, sent_tags = NULL")
+    # changed with no new updated_at: its row no longer hashes to what was sent
+    await conn.execute("UPDATE users SET name = 'Changed' WHERE id = 3")
+
+    daemon = await spawn(config)
+    deadline = time.monotonic() + 30
+    while not (
+        found := [e for e in daemon.logs() if e.get("message", "").startswith("emails the API holds")]
+    ):
+        assert time.monotonic() < deadline, daemon.text()[-2000:]
+        await asyncio.sleep(0.1)
+    assert (found[0]["users"], found[0]["recovered"], found[0]["unknown"]) == (50, 49, 1)
+    unknown = await conn.fetch("SELECT user_id FROM usersync.sync_state WHERE sent_email IS NULL")
+    assert [r["user_id"] for r in unknown] == ["3"]
+
+    await conn.execute(
+        "UPDATE users SET email = 'user7.new@example.com', updated_at = clock_timestamp() WHERE id = 7"
+    )
+    await fake_api.wait_for(lambda api: "user7.new@example.com" in api.state, timeout=30)
+    assert "user7@example.com" not in fake_api.state  # renamed, not a second subscriber
+    assert len(fake_api.state) == 50
+    assert await daemon.stop() == 0
