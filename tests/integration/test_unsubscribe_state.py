@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from usersyncd import api, db, poller, reconcile, source, status
+from usersyncd import api, db, poller, reconcile, records, recover, source, status
 from usersyncd.config import Config
 from usersyncd.fakeapi import FakeApi
 from usersyncd.queue import Queue
@@ -240,3 +240,31 @@ async def test_a_bulk_update_out_of_the_filter_is_a_wave(
     assert (result.staged, result.wave, result.live_staged) == (20, 20, 0)
     lanes = await conn.fetch(f"SELECT DISTINCT lane FROM {S}.sync_state WHERE gone")
     assert [r["lane"] for r in lanes] == [poller.PACED]
+
+
+async def test_recovery_fills_the_emails_of_users_sent_before_they_were_kept(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, database_url: str
+) -> None:
+    """Users with a hash and no sent_email (sent before migration 0010): in chunks, each whose
+    row still hashes to sent_hash gets its row's email; a changed row, a deleted one and a hash
+    that matches nothing stay unknown; a second walk finds nothing more."""
+    config = make_config(database_url)
+    src = await source.inspect(conn, config.source)
+    rows = await src.fetch(conn, [str(i) for i in range(1, 21)])
+    for user_id, row in rows.items():
+        payload = records.validate(user_id, row.values, config.source.fields)
+        assert not isinstance(payload, records.Invalid)
+        await conn.execute(
+            f"UPDATE {S}.sync_state SET sent_hash = $2 WHERE user_id = $1",
+            user_id,
+            records.content_hash(payload),
+        )
+    await conn.execute(f"UPDATE {S}.sync_state SET sent_email = NULL")  # 21-25 keep a hash of nothing
+    await conn.execute("UPDATE users SET name = 'Changed' WHERE id = 4")
+    await conn.execute("DELETE FROM users WHERE id = 6")
+    recovery = recover.Recovery(config, pool, src, chunk=4)
+    assert await recovery.run(asyncio.Event()) == 18
+    emails = {r["user_id"]: r["sent_email"] for r in await conn.fetch(f"SELECT * FROM {S}.sync_state")}
+    assert {u for u, e in emails.items() if e is None} == {"4", "6", "21", "22", "23", "24", "25"}
+    assert all(e == f"user{u}@example.com" for u, e in emails.items() if e is not None)
+    assert await recovery.run(asyncio.Event()) == 0
