@@ -10,6 +10,7 @@ faults and writes; timing is the machine's, so a seed reproduces the mix, not ev
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib.util
 import json
@@ -243,6 +244,7 @@ class Writer:
         self.next_id = NEW_IDS
         self.late: set[asyncio.Task[None]] = set()
         self._conn: asyncpg.Connection | None = None
+        self.history: dict[int, list[str]] = collections.defaultdict(list)  # user -> writes, to debug with
 
     def _pick(self) -> int:
         """A seeded user with a valid email (the seed makes every 1000th invalid)."""
@@ -260,6 +262,7 @@ class Writer:
             if not _transient(exc):
                 raise
             self.report.writes["failed (database away)"] += 1
+            self._note(what, args, "failed")
             if self._conn is not None:
                 self._conn.terminate()
             self._conn = None
@@ -267,7 +270,12 @@ class Writer:
             return None
         if what:  # a read is not a write
             self.report.writes[what] += 1
+            self._note(what, args, f"{len(result)} rows returned" if result else "done")
         return result
+
+    def _note(self, what: str, args: tuple[Any, ...], outcome: str) -> None:
+        if what and args and isinstance(args[0], int):
+            self.history[args[0]].append(f"{time.time():.3f} {what} {args[1:]!r:.80} {outcome}")
 
     async def touch(self, user: int) -> None:
         """A change to a user's name: it is sent again."""
@@ -390,8 +398,10 @@ class Writer:
                     await conn.execute(
                         "UPDATE users SET name = $2, updated_at = clock_timestamp() WHERE id = $1", user, name
                     )
+                    began = time.time()
                     await asyncio.sleep(hold)
                 self.report.writes["late commit"] += 1
+                self.history[user].append(f"{began:.3f} late commit {name!r} committed at {time.time():.3f}")
             except Exception as exc:
                 if not _transient(exc):
                     raise
@@ -758,7 +768,9 @@ class Soak:
         self.report.problems.append(text)
         self.out(f"soak: PROBLEM: {text}")
 
-    async def _differences(self, conn: asyncpg.Connection, writer: Writer) -> list[str]:
+    async def _differences(
+        self, conn: asyncpg.Connection, writer: Writer, explain: bool = False
+    ) -> list[str]:
         """What keeps the run from quiescence: users not as the table says (G3, G12), failures
         that should (not) be open (G13). Empty: done."""
         state = self.api.state
@@ -773,10 +785,16 @@ class Soak:
         found = []
         stale = [e for e, want in valid.items() if {k: state.get(e, {}).get(k) for k in want} != want]
         if stale:
-            found.append(f"G3: {len(stale)} users differ from the table, e.g. {stale[:3]}")
+            found.append(
+                f"G3: {len(stale)} users differ from the table, e.g. {stale[:3]}"
+                + "".join([await self._explain(conn, e, writer) for e in stale[:3] if explain])
+            )
         inactive = [e for e in valid if state.get(e, {}).get("status", "active") != "active"]
         if inactive:
-            found.append(f"G12: {len(inactive)} current users not active, e.g. {inactive[:3]}")
+            found.append(
+                f"G12: {len(inactive)} current users not active, e.g. {inactive[:3]}"
+                + "".join([await self._explain(conn, e, writer) for e in inactive[:3] if explain])
+            )
         extra = sorted(set(state) - set(valid))
         renamed = [e for e in extra if e in writer.old_emails]
         if self.deletes and renamed:
@@ -797,7 +815,7 @@ class Soak:
         if renamed:
             found.append(
                 f"G12: {len(renamed)} old emails still subscribed after a rename, e.g. {renamed[:3]}"
-                + await self._explain(conn, renamed[0])
+                + (await self._explain(conn, renamed[0], writer) if explain else "")
             )
         gone = [e for e in extra if e not in writer.old_emails]
         if self.deletes:
@@ -818,26 +836,37 @@ class Soak:
             found.append(f"G13: {len(left)} open failures of valid or absent users, e.g. {left[:3]}")
         return found
 
-    async def _explain(self, conn: asyncpg.Connection, email: str) -> str:
+    async def _explain(self, conn: asyncpg.Connection, email: str, writer: Writer) -> str:
         """What the table, the state and the API hold for the user of `email`, to debug with."""
         state = await conn.fetch(
-            "SELECT user_id, dirty, gone, batch_id, sent_email, pending_email, unsubscribed_at"
+            "SELECT user_id, dirty, gone, batch_id, lane, stage_seq, seen_updated_at, sent_updated_at,"
+            " sent_at, settled, settled_at, sent_email, pending_email, unsubscribed_at, sent_hash IS NOT NULL AS hashed"
             " FROM usersync.sync_state WHERE sent_email = $1 OR pending_email = $1 OR user_id = $2",
             email,
             email.split("@")[0].removeprefix("user").split(".")[0],
         )
         lines = [f"\n    API {email}: {self.api.state.get(email)}"]
         for row in state:
-            current = await conn.fetchrow("SELECT email FROM users WHERE id::text = $1", row["user_id"])
+            current = await conn.fetchrow("SELECT * FROM users WHERE id::text = $1", row["user_id"])
             lines.append(f"\n    sync_state {dict(row)}; row {dict(current) if current else None}")
             if current is not None:
                 lines.append(f"\n    API {current['email']}: {self.api.state.get(current['email'])}")
         emails = ({email} | {r["sent_email"] for r in state} | {r["pending_email"] for r in state}) - {None}
-        for req in self.api.requests:
-            for sub in req.subscribers:
-                if isinstance(sub, dict) and emails & {sub.get("email"), sub.get("new_email")}:
-                    lines.append(f"\n    request {req.path} {req.status} at {req.arrived:.3f}: {sub}")
-        return "".join(lines[:40])
+        requests = [
+            f"\n    request {req.path} {req.status} at {req.wall:.3f}: {sub}"
+            for req in self.api.requests
+            for sub in req.subscribers
+            if isinstance(sub, dict) and emails & {sub.get("email"), sub.get("new_email")}
+        ]
+        batches = await conn.fetch(
+            "SELECT id, action, status, attempts, last_status, created_at, finished_at FROM usersync.batches"
+            " WHERE $1 = ANY(user_ids) ORDER BY id DESC LIMIT 6",
+            state[0]["user_id"] if state else "",
+        )
+        lines += [f"\n    batch {dict(b)}" for b in batches]
+        if state and state[0]["user_id"].isdigit():
+            lines += [f"\n    write {w}" for w in writer.history.get(int(state[0]["user_id"]), [])[-12:]]
+        return "".join(lines[:40] + requests[-20:])
 
     async def _quiesce(self, conn: asyncpg.Connection, writer: Writer, deadline: float) -> None:
         """Wait for the mirror to be exact and the queue empty; a problem for what is not."""
@@ -861,6 +890,8 @@ class Soak:
             if not found:
                 return
             if time.monotonic() > deadline:
+                # what is left, with each user's state, requests and writes (slow: only now)
+                found = await self._differences(conn, writer, explain=True) or found
                 break
             await asyncio.sleep(max(1.0, 2 * (time.monotonic() - began)))
         for text in found:
