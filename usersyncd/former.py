@@ -246,7 +246,7 @@ class Former:
                 dropped[user_id] = seq
                 settled[user_id] = "unchanged"
                 continue
-            if state.unsubscribed_at is not None:  # back after its unsubscribe (G12)
+            if state.maybe_unsubscribed:  # back after its unsubscribe, or one unanswered (G12)
                 result = {**result, **ACTIVE}  # the hash stays the data's: sent_hash was forgotten
             sub = records.subscriber(result, prior, rename=rename)
             members.append(

@@ -58,6 +58,12 @@ class Known(NamedTuple):
     seq: int  # stage_seq
     prior: records.Prior  # the email, pending rename and tags last accepted (G12)
     unsubscribed_at: datetime | None = None  # the API accepted its unsubscribe (G12)
+    unsubscribing: bool = False  # an unsubscribe of it started, unanswered: it may have landed
+
+    @property
+    def maybe_unsubscribed(self) -> bool:
+        """The API holds it unsubscribed, or may: a row back is sent with "status": "active"."""
+        return self.unsubscribed_at is not None or self.unsubscribing
 
 
 def _known(row: asyncpg.Record) -> Known:
@@ -70,6 +76,7 @@ def _known(row: asyncpg.Record) -> Known:
             row["sent_email"], row["pending_email"], json.loads(tags) if tags is not None else None
         ),
         row["unsubscribed_at"],
+        row["unsubscribing"],
     )
 
 
@@ -165,6 +172,16 @@ class Queue:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(self.sql["lock_users"], db.text_array(ids))
             await conn.execute(self.sql["mark_pending"], batch.id, ids, [pending[u] for u in ids])
+
+    async def mark_unsubscribing(self, batch: Batch, user_ids: Sequence[str]) -> None:
+        """Before an unsubscribe request starts: should it land unanswered, a row that comes
+        back is re-subscribed with "status": "active" (G12; `Known.maybe_unsubscribed`)."""
+        if not user_ids:
+            return
+        ids = sorted(user_ids)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(self.sql["lock_users"], db.text_array(ids))
+            await conn.execute(self.sql["mark_unsubscribing"], batch.id, ids)
 
     async def clear_pending(self, pending: dict[str, str]) -> None:
         """The API refused these renames (an answer: nothing of the request was applied)."""

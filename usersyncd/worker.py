@@ -206,6 +206,8 @@ class SyncUserBatch:
         try:
             # before the request starts: a rename that lands unanswered is known to be possible
             await self.queue.mark_pending(batch, {m.user_id: m.pending for m in members if m.pending})
+            if batch.action == UNSUBSCRIBE:
+                await self.queue.mark_unsubscribing(batch, [m.user_id for m in members])
             held = await self.queue.hold(batch)
             # the ledger holds the real start, not the grant
             confirmed = await self.quota.confirm(slot) if held else None

@@ -94,3 +94,65 @@ async def test_deleted_and_filtered_out_users_are_unsubscribed_and_come_back_act
     assert actions.count("unsubscribe") == sum(r.path == UNSUBS for r in fake_api.requests)
     shown = await usersyncd("status", "--config", str(config))
     assert "gone:           0 to unsubscribe (on_delete = unsubscribe); last reconcile pass" in shown.stdout
+
+
+async def test_a_row_back_after_an_unanswered_unsubscribe_is_subscribed_active(
+    conn: asyncpg.Connection,
+    database_url: str,
+    fake_api: FakeApiProcess,
+    seed: Any,
+    make_config: Callable[..., Path],
+    spawn: Any,
+) -> None:
+    """A deleted user's unsubscribe lands at the API but its answer never comes (slower than
+    api.timeout); meanwhile the row comes back: it is sent with "status": "active", so the API
+    holds it subscribed (found by the chaos soak: the subscriber stayed unsubscribed)."""
+    fake_api.flavour, fake_api.auth, fake_api.account_id = "drip", "basic", ACCOUNT
+    await seed(conn, 20)
+    config = make_config(
+        database_url,
+        fake_api.url,
+        **fast(
+            api={
+                "url": fake_api.url,
+                "key": "test-key",
+                "auth": "basic",
+                "account_id": ACCOUNT,
+                "batch_path": "/v2/{account_id}/subscribers/batches",
+                "unsubscribe_path": "/v2/{account_id}/unsubscribes/batches",
+                "timeout": 0.5,
+            },
+            source={"on_delete": "unsubscribe", "reconcile_every": 0.5},
+            retry={"attempts": 3, "backoff": 3.0},  # the row comes back before the retry
+        ),
+    )
+    daemon = await spawn(config)
+    await fake_api.wait_for(lambda api: len(api.state) == 20, timeout=60)
+    fake_api.latency = 1.0  # answers now come after api.timeout: the unsubscribe lands unanswered
+    await conn.execute("DELETE FROM users WHERE id = 5")
+    await fake_api.wait_for(
+        lambda api: api.state["user5@example.com"]["status"] == "unsubscribed", timeout=30
+    )
+    fake_api.latency = 0.0
+    await conn.execute(
+        "INSERT INTO users (id, email, name, time_zone) VALUES (5, 'user5@example.com', 'Back', 'UTC')"
+    )
+
+    def settled(api: FakeApiProcess) -> bool:
+        sub = api.state["user5@example.com"]
+        return sub["name"] == "Back" and sub["status"] == "active"
+
+    try:
+        await fake_api.wait_for(settled, timeout=30)
+    except TimeoutError:
+        pytest.fail(
+            f"{fake_api.state['user5@example.com']}\n"
+            + "\n".join(
+                line
+                for line in daemon.text().splitlines()
+                if "reconcile pass" not in line and '"DEBUG"' not in line
+            )[-6000:]
+        )
+    assert await daemon.stop() == 0
+    assert all(sub["status"] == "active" for sub in fake_api.state.values())
+    assert fake_api.violations == 0

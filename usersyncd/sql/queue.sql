@@ -79,13 +79,13 @@ WITH picked AS (
 UPDATE {schema}.sync_state s SET batch_id = $1
 FROM picked WHERE s.user_id = picked.user_id
 RETURNING s.user_id, s.lane, s.gone, s.sent_hash, s.stage_seq, s.sent_email, s.pending_email,
-    s.sent_tags, s.unsubscribed_at;
+    s.sent_tags, s.unsubscribed_at, s.unsubscribing;
 
 -- user_state --
 -- What the API last accepted for these users, and how often each was staged (read before
 -- their rows, so a staging after the read leaves them dirty); whether it holds them
 -- unsubscribed (G12). The columns `take_ready` returns too.
-SELECT user_id, sent_hash, stage_seq, sent_email, pending_email, sent_tags, unsubscribed_at
+SELECT user_id, sent_hash, stage_seq, sent_email, pending_email, sent_tags, unsubscribed_at, unsubscribing
 FROM {schema}.sync_state WHERE user_id = ANY($1::text::text[]);
 
 -- mark_pending --
@@ -94,6 +94,12 @@ FROM {schema}.sync_state WHERE user_id = ANY($1::text::text[]);
 UPDATE {schema}.sync_state s SET pending_email = r.email
 FROM unnest($2::text[], $3::text[]) AS r(user_id, email)
 WHERE s.user_id = r.user_id AND s.batch_id = $1 AND s.pending_email IS DISTINCT FROM r.email;
+
+-- mark_unsubscribing --
+-- Just before an unsubscribe request of batch $1 ($2 ids): should it land unanswered, the API
+-- holds them unsubscribed, and a row that comes back must be sent with "status": "active".
+UPDATE {schema}.sync_state s SET unsubscribing = true
+WHERE s.user_id = ANY($2::text[]) AND s.batch_id = $1 AND NOT s.unsubscribing;
 
 -- clear_pending --
 -- The API refused renames it was sent ($1 ids, $2 their NEW emails): none of them landed, so
@@ -161,6 +167,7 @@ SET batch_id = NULL,
     settled_at = clock_timestamp(),
     settled = 'sent',
     unsubscribed_at = NULL,
+    unsubscribing = false,
     gone = CASE WHEN s.stage_seq > r.seq THEN s.gone ELSE false END,
     dirty = s.stage_seq > r.seq OR r.again
 FROM unnest($2::text::text[], $3::bytea[], $4::text::timestamptz[], $5::bigint[], $6::text::text[], $7::jsonb[], $8::bool[])
@@ -179,6 +186,7 @@ SET batch_id = NULL,
     sent_hash = NULL,
     sent_at = clock_timestamp(),
     unsubscribed_at = clock_timestamp(),
+    unsubscribing = false,
     settled_at = clock_timestamp(),
     settled = 'gone',
     dirty = s.stage_seq > r.seq
