@@ -242,7 +242,8 @@ class Former:
                 dropped[user_id] = seq
                 continue
             assert digest is not None
-            if prior.unchanged(result, state.sent_hash, digest):  # the API has exactly this already (G4)
+            # the API has exactly this already (G4); not so sure after an unanswered unsubscribe
+            if not state.unsubscribing and prior.unchanged(result, state.sent_hash, digest):
                 dropped[user_id] = seq
                 settled[user_id] = "unchanged"
                 continue
