@@ -80,7 +80,6 @@ class UserSyncService:
         # users the live lane took in over the last slot (in memory: per process)
         self.slot = config.limits.span / config.limits.requests
         self._intake: collections.deque[tuple[float, int]] = collections.deque()
-        self._scanned_at: datetime | None = None  # when this process's last whole live scan began
         self.last: PollResult = PollResult()
         self._backfill_done = False  # the backfill cursor's `done`, once seen (it never goes back)
         self._cursors_made = asyncio.Event()  # init_cursors is done: re-reads may begin
@@ -157,14 +156,16 @@ class UserSyncService:
         True when the end was reached."""
         lookback = timedelta(seconds=self.config.source.lookback)
         async with self.pool.acquire() as conn:
-            cursor = await conn.fetchrow(self.sql["cursor"], "live")
             first_start, read_at = await conn.fetchrow(self.sql["first_start"])
             if reread:
-                # a row committed after the last re-read began was stamped at most lookback
-                # before (SPEC G3): older rows were all seen by it, and re-reading them is only work
-                start = max(cursor["updated_at"], self._scanned_at or cursor["updated_at"]) - lookback
+                # a row committed after the last whole re-read began (by any process) was
+                # stamped at most lookback before (SPEC G3): older rows were all seen by it. Not
+                # the cursor: the polls move it on meanwhile, by more than lookback when the
+                # re-reads run late (an outage, a busy machine), and a late commit stamped
+                # behind it would never be read (found by the chaos soak)
+                start = await conn.fetchval(self.sql["reread_from"]) - lookback
             else:  # rows stamped since the last scan: a change committed in time is among them
-                start = cursor["updated_at"]
+                start = (await conn.fetchrow(self.sql["cursor"], "live"))["updated_at"]
             if first_start is not None:  # rows from before the first start are the backfill's
                 start = max(start, first_start)
             budget = self._live_budget()
@@ -175,7 +176,7 @@ class UserSyncService:
             # the count was a whole scan that found nothing to stage: an idle poll reads the
             # source once (one index probe), and the next re-read starts later all the same
             if reread:
-                self._scanned_at = read_at
+                await self.pool.execute(self.sql["reread_done"], read_at)
             return True
         wave = fresh > budget
         lane = PACED if wave else LIVE
@@ -206,7 +207,7 @@ class UserSyncService:
             scanned_at = scanned_at or page["read_at"]
             if page["read"] < PAGE_SIZE:
                 if reread:
-                    self._scanned_at = scanned_at
+                    await self.pool.execute(self.sql["reread_done"], scanned_at)
                 break
             start, last_id = page["last_updated_at"], page["last_id"]
         if result.live_staged:

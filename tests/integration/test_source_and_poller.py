@@ -156,8 +156,9 @@ async def lanes(conn: asyncpg.Connection) -> dict[int, int]:
 async def test_rereading_the_lookback_writes_and_locks_nothing(
     conn: asyncpg.Connection, seed: Any, pool: asyncpg.Pool, database_url: str
 ) -> None:
-    """A poll that only re-reads rows already staged (the lookback) leaves sync_state and the
-    cursors untouched: no new row version, no row lock (xmax stays 0)."""
+    """A poll that only re-reads rows already staged (the lookback) leaves sync_state untouched
+    (no new row version, no row lock: xmax stays 0) and the cursors where they were; it records
+    only when it began (`cursors.reread_at`, where the next re-read starts)."""
     await seed(conn, 10)
     config = make_config(database_url, lookback=60.0)
     service = make_service(config, pool, await source.inspect(conn, config.source))
@@ -167,16 +168,16 @@ async def test_rereading_the_lookback_writes_and_locks_nothing(
     assert (await service.poll_once()).staged == 10
     await conn.execute("UPDATE usersync.sync_state SET dirty = false")  # as if sent
     before = await conn.fetch("SELECT user_id, xmin::text, xmax::text FROM usersync.sync_state ORDER BY 1")
-    cursors = await conn.fetch("SELECT lane, xmin::text, xmax::text FROM usersync.cursors ORDER BY 1")
+    positions = "SELECT lane, updated_at, last_id, done, reread_at FROM usersync.cursors ORDER BY 1"
+    cursors = await conn.fetch(positions)
     idle = await service.poll_once()
     assert idle.staged == 0  # the lookback was re-read (by the count alone: nothing was fresh)
     after = await conn.fetch("SELECT user_id, xmin::text, xmax::text FROM usersync.sync_state ORDER BY 1")
     assert [tuple(r) for r in after] == [tuple(r) for r in before]
     assert all(r["xmax"] == "0" for r in after), [tuple(r) for r in after][:3]
-    assert [
-        tuple(r)
-        for r in await conn.fetch("SELECT lane, xmin::text, xmax::text FROM usersync.cursors ORDER BY 1")
-    ] == [tuple(r) for r in cursors]
+    moved = await conn.fetch(positions)
+    assert [tuple(r)[:4] for r in moved] == [tuple(r)[:4] for r in cursors]
+    assert moved[1]["reread_at"] > cursors[1]["reread_at"]  # the live lane's row
 
 
 async def test_rows_from_before_the_first_start_are_the_backfills(
@@ -361,6 +362,42 @@ async def test_a_poll_reads_only_new_rows_and_the_reread_finds_late_commits(
     late = await service.reread_once()
     assert late.live_staged == 1 and late.read >= 3000  # the re-read reads the lookback
     assert await conn.fetchval("SELECT dirty AND lane = 0 FROM usersync.sync_state WHERE user_id = '9'")
+
+
+async def test_a_late_commit_is_found_after_the_polls_moved_the_cursor_past_its_lookback(
+    conn: asyncpg.Connection, seed: Any, pool: asyncpg.Pool, database_url: str
+) -> None:
+    """A row committed within lookback of its stamp, but after a re-read began, is found by the
+    next re-read even when the polls have meanwhile moved the cursor more than lookback past the
+    stamp (re-reads run late after a database outage or on a busy machine). Found by the chaos
+    soak: the re-read started at the cursor minus lookback, and such a commit was never sent."""
+    await seed(conn, 10)
+    config = make_config(database_url, lookback=1.0)
+    service = make_service(config, pool, await source.inspect(conn, config.source))
+    await service.init_cursors()
+    await service.poll_once()
+    late = await asyncpg.connect(database_url)
+    try:
+        async with late.transaction():
+            await late.execute("UPDATE users SET name = 'late', updated_at = clock_timestamp() WHERE id = 3")
+            await service.reread_once()  # began before the commit: cannot see it
+            await conn.execute("UPDATE users SET name = 'on', updated_at = clock_timestamp() WHERE id = 4")
+            await service.poll_once(reread=False)  # the cursor passes the late row's stamp
+            await asyncio.sleep(0.3)
+        stamped = await conn.fetchval("SELECT updated_at FROM users WHERE id = 3")
+        committed = await conn.fetchval("SELECT clock_timestamp()")
+        assert (committed - stamped).total_seconds() < 1.0  # within lookback: G3 holds for it
+        await asyncio.sleep(1.0)
+        await conn.execute("UPDATE users SET name = 'new', updated_at = clock_timestamp() WHERE id = 5")
+        await service.poll_once(reread=False)  # the cursor is now more than lookback past the stamp
+        found = await service.reread_once()
+        assert found.staged >= 1
+        assert (
+            await conn.fetchval("SELECT seen_updated_at FROM usersync.sync_state WHERE user_id = '3'")
+            == stamped
+        )
+    finally:
+        await late.close()
 
 
 async def test_a_wave_committed_after_the_poll_counted_still_goes_to_the_paced_lane(

@@ -15,6 +15,16 @@ SELECT count(*) > 0 FROM created;
 -- One lane's position.
 SELECT lane, updated_at, last_id, until_at, done FROM {schema}.cursors WHERE lane = $1;
 
+-- reread_from --
+-- Where the next lookback re-read starts, before its lookback is taken off: when the last whole
+-- re-read began, or, before any, the live cursor.
+SELECT coalesce(reread_at, updated_at) FROM {schema}.cursors WHERE lane = 'live';
+
+-- reread_done --
+-- A whole re-read that began at $1 is done: rows committed before then were all seen.
+UPDATE {schema}.cursors SET reread_at = $1
+WHERE lane = 'live' AND (reread_at IS NULL OR reread_at < $1);
+
 -- cursors --
 -- Both lanes, for logs and status.
 SELECT lane, updated_at, last_id, until_at, done FROM {schema}.cursors ORDER BY lane;
