@@ -44,9 +44,8 @@ ACTIVE = {"status": "active"}  # Drip re-subscribes an unsubscribed subscriber o
 class Member(NamedTuple):  # a tuple: one per user sent, ~5x cheaper to make than a frozen dataclass
     user_id: str
     payload: dict[str, Any]  # the body sent: the row's, as a rename and with remove_tags if need be
-    hash: (
-        bytes  # of the row's payload (G4): what the user's data is, whatever the body; b"" for an unsubscribe
-    )
+    # of the row's payload (G4): what the user's data is, whatever the body; b"" for an unsubscribe
+    hash: bytes
     read_at: str | None  # the row's version when read (`Source.version_sql`; None: no row, an unsubscribe)
     seq: int  # the user's stage_seq when read: staged again since means send again
     email: str  # the email the API keys the subscriber by once this is accepted (G12)

@@ -22,6 +22,26 @@ FAST: dict[str, dict[str, Any]] = {
 }
 
 
+DRIP_ACCOUNT = "1234567"
+
+
+def speak_drip(api: FakeApiProcess) -> None:
+    """The fake answers as Drip does: its paths for DRIP_ACCOUNT, basic auth."""
+    api.flavour, api.auth, api.account_id = "drip", "basic", DRIP_ACCOUNT
+
+
+def drip_api(api: FakeApiProcess, **keys: Any) -> dict[str, Any]:
+    """The `api` section of a config for the Drip-speaking fake (`speak_drip`)."""
+    return {
+        "url": api.url,
+        "key": "test-key",
+        "auth": "basic",
+        "account_id": DRIP_ACCOUNT,
+        "batch_path": "/v2/{account_id}/subscribers/batches",
+        **keys,
+    }
+
+
 def fast(**overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """FAST with some sections' keys replaced."""
     merged = {section: dict(values) for section, values in FAST.items()}

@@ -13,14 +13,14 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from helpers import fast
+from helpers import DRIP_ACCOUNT, drip_api, fast
 
 from usersyncd import quota_math
 from usersyncd.fakeapi import FakeApiProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.db]
 
-ACCOUNT = "1234567"
+ACCOUNT = DRIP_ACCOUNT
 
 
 def free_port() -> int:
@@ -31,17 +31,6 @@ def free_port() -> int:
 
 def drip(api: FakeApiProcess, account: str = ACCOUNT) -> None:
     api.flavour, api.auth, api.account_id = "drip", "basic", account
-
-
-def drip_api(api: FakeApiProcess, **keys: Any) -> dict[str, Any]:
-    return {
-        "url": api.url,
-        "key": "test-key",
-        "auth": "basic",
-        "account_id": ACCOUNT,
-        "batch_path": "/v2/{account_id}/subscribers/batches",
-        **keys,
-    }
 
 
 async def open_failures(conn: asyncpg.Connection) -> list[asyncpg.Record]:

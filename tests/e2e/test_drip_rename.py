@@ -13,13 +13,12 @@ from typing import Any
 
 import asyncpg
 import pytest
-from helpers import fast
+from helpers import drip_api, fast, speak_drip
 
 from usersyncd.fakeapi import FakeApiProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.db]
 
-ACCOUNT = "1234567"
 USERS = 2000
 RENAMED = range(40, USERS + 1, 40)  # 50 users get a new email
 SWAPPED = (1001, 1002)  # these two swap theirs
@@ -34,7 +33,7 @@ async def test_renames_swap_and_removed_tags(
     make_config: Callable[..., Path],
     spawn: Any,
 ) -> None:
-    fake_api.flavour, fake_api.auth, fake_api.account_id = "drip", "basic", ACCOUNT
+    speak_drip(fake_api)
     fake_api.limit_requests = 50
     await seed(conn, USERS)
     await conn.execute("ALTER TABLE users ADD COLUMN tags text[]")
@@ -43,13 +42,7 @@ async def test_renames_swap_and_removed_tags(
         database_url,
         fake_api.url,
         **fast(
-            api={
-                "url": fake_api.url,
-                "key": "test-key",
-                "auth": "basic",
-                "account_id": ACCOUNT,
-                "batch_path": "/v2/{account_id}/subscribers/batches",
-            },
+            api=drip_api(fake_api),
             source={
                 "fields": {"email": "email", "first_name": "name", "time_zone": "time_zone", "tags": "tags"}
             },
@@ -133,20 +126,12 @@ async def test_users_sent_before_emails_were_kept_are_renamed_not_doubled(
     0010): at start the email of every user whose row still hashes to what was sent is recovered
     (one changed since stays unknown); a later email change goes as a rename, so the API keeps
     one subscriber, under the new email."""
-    fake_api.flavour, fake_api.auth, fake_api.account_id = "drip", "basic", ACCOUNT
+    speak_drip(fake_api)
     await seed(conn, 50)
     config = make_config(
         database_url,
         fake_api.url,
-        **fast(
-            api={
-                "url": fake_api.url,
-                "key": "test-key",
-                "auth": "basic",
-                "account_id": ACCOUNT,
-                "batch_path": "/v2/{account_id}/subscribers/batches",
-            }
-        ),
+        **fast(api=drip_api(fake_api)),
     )
     synced = await spawn(config, "run", "--once")
     assert await synced.wait(timeout=60) == 0, synced.text()[-2000:]

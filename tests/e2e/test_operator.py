@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from helpers import fast, usersyncd
+from helpers import drip_api, fast, speak_drip, usersyncd
 
 from usersyncd.fakeapi import FakeApi
 
@@ -194,16 +194,9 @@ async def test_dry_run_counts_null_versions_and_the_users_to_unsubscribe(
     """After a sync, 5 rows changed with updated_at set NULL (G14) and 7 deleted (G12): --dry-run
     counts the 5 to send (read by id, as the daemon's sweep does) and the 7 gone, to unsubscribe
     with on_delete = "unsubscribe" and only counted with "ignore"; it sends nothing."""
-    account = "1234567"
-    fake_api.flavour, fake_api.auth, fake_api.account_id = "drip", "basic", account
+    speak_drip(fake_api)
     await seed(conn, 300)
-    drip = {
-        "url": fake_api.url,
-        "key": "test-key",
-        "auth": "basic",
-        "account_id": account,
-        "batch_path": "/v2/{account_id}/subscribers/batches",
-    }
+    drip = drip_api(fake_api)
     unsubscribing = make_config(
         database_url,
         fake_api.url,

@@ -12,15 +12,14 @@ from typing import Any
 
 import asyncpg
 import pytest
-from helpers import fast, usersyncd
+from helpers import DRIP_ACCOUNT, drip_api, fast, speak_drip, usersyncd
 
 from usersyncd.fakeapi import FakeApiProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.db]
 
-ACCOUNT = "1234567"
 USERS = 300
-UNSUBS = f"/v2/{ACCOUNT}/unsubscribes/batches"
+UNSUBS = f"/v2/{DRIP_ACCOUNT}/unsubscribes/batches"
 
 
 async def test_deleted_and_filtered_out_users_are_unsubscribed_and_come_back_active(
@@ -34,7 +33,7 @@ async def test_deleted_and_filtered_out_users_are_unsubscribed_and_come_back_act
     """30 rows deleted and 20 updated out of the filter: those 50 unsubscribed at the API, every
     other user still active, no other email in an unsubscribe request; one deleted row inserted
     again: active again, sent with "status": "active"; 0 quota violations."""
-    fake_api.flavour, fake_api.auth, fake_api.account_id = "drip", "basic", ACCOUNT
+    speak_drip(fake_api)
     fake_api.limit_requests = 10
     await seed(conn, USERS)
     await conn.execute("ALTER TABLE users ADD COLUMN active boolean NOT NULL DEFAULT true")
@@ -42,14 +41,7 @@ async def test_deleted_and_filtered_out_users_are_unsubscribed_and_come_back_act
         database_url,
         fake_api.url,
         **fast(
-            api={
-                "url": fake_api.url,
-                "key": "test-key",
-                "auth": "basic",
-                "account_id": ACCOUNT,
-                "batch_path": "/v2/{account_id}/subscribers/batches",
-                "unsubscribe_path": "/v2/{account_id}/unsubscribes/batches",
-            },
+            api=drip_api(fake_api, unsubscribe_path="/v2/{account_id}/unsubscribes/batches"),
             source={"filter": "active", "on_delete": "unsubscribe", "reconcile_every": 1.0},
         ),
     )
@@ -107,21 +99,13 @@ async def test_a_row_back_after_an_unanswered_unsubscribe_is_subscribed_active(
     """A deleted user's unsubscribe lands at the API but its answer never comes (slower than
     api.timeout); then the same row comes back: it is sent again, with "status": "active", so the
     API holds it subscribed (found by the chaos soak: the subscriber stayed unsubscribed)."""
-    fake_api.flavour, fake_api.auth, fake_api.account_id = "drip", "basic", ACCOUNT
+    speak_drip(fake_api)
     await seed(conn, 20)
     config = make_config(
         database_url,
         fake_api.url,
         **fast(
-            api={
-                "url": fake_api.url,
-                "key": "test-key",
-                "auth": "basic",
-                "account_id": ACCOUNT,
-                "batch_path": "/v2/{account_id}/subscribers/batches",
-                "unsubscribe_path": "/v2/{account_id}/unsubscribes/batches",
-                "timeout": 0.5,
-            },
+            api=drip_api(fake_api, unsubscribe_path="/v2/{account_id}/unsubscribes/batches", timeout=0.5),
             source={"on_delete": "unsubscribe", "reconcile_every": 0.5},
             retry={"attempts": 3, "backoff": 3.0},  # the row comes back before the retry
         ),
