@@ -132,9 +132,12 @@ class ExternalUserApi:
         batch_id: int | None = None,
         attempt: int | None = None,
         action: str = "subscribe",
+        deadline: float | None = None,
     ) -> Outcome:
         """POST one batch (`action` "unsubscribe": to api.unsubscribe_path, G12); HTTP and
-        transport failures come back as an Outcome, never raise."""
+        transport failures come back as an Outcome, never raise. `deadline` (the event loop's
+        time; default: api.timeout from now) ends the whole exchange: the quota's ledger relies
+        on it (`Slot.deadline`)."""
         path = self._config.resolve(
             self._config.unsubscribe_path if action == "unsubscribe" else self._config.batch_path
         )
@@ -144,7 +147,9 @@ class ExternalUserApi:
         try:
             # one deadline for the whole exchange: httpx's timeout is per read, and a slow
             # trickle of bytes would otherwise hold a worker (and shutdown) indefinitely
-            async with asyncio.timeout(self._config.timeout):
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + self._config.timeout
+            async with asyncio.timeout_at(deadline):
                 content, response = await self._post(path, body, request_id)
         except (httpx.RequestError, TimeoutError) as exc:  # timeouts, refused connections
             outcome = Outcome(

@@ -101,12 +101,18 @@ async def _probe_api(pool: asyncpg.Pool, config: Config, report, *, spend_slot: 
         config.database.state_schema,
         worker="check",
         credentials_probe_every=config.retry.backoff,
+        request_timeout=config.api.timeout,
     )
-    slot = await quota.acquire(kind="probe")
-    assert slot is not None
+    while True:  # as a worker sends: the ledger holds the real start, and the deadline runs from it
+        slot = await quota.acquire(kind="probe")
+        assert slot is not None
+        confirmed = await quota.confirm(slot)
+        if confirmed is not None:
+            break
+        await quota.release(slot)  # a pause began since the grant: wait it out
     async with api.ExternalUserApi(config.api) as client:
-        outcome = await client.send([])
-    await quota.record(slot, **outcome.ledger_fields())
+        outcome = await client.send([], deadline=confirmed.deadline)
+    await quota.record(confirmed, **outcome.ledger_fields())
     where = f"API {config.api.url}{config.api.resolve(config.api.batch_path)} (one slot spent)"
     if outcome.status is None:
         report(False, f"{where}: no answer ({outcome.error}): check api.url")

@@ -147,6 +147,7 @@ class Daemon:
             cfg.database.state_schema,
             worker=self.worker_id,
             credentials_probe_every=cfg.retry.backoff,
+            request_timeout=cfg.api.timeout,
         )
         self.queue = Queue(
             pool,

@@ -7,6 +7,8 @@ row per start, stamped with the database clock) is the authority, shared by rest
 Pauses (`pauses`) stop every sender of every replica: 429 until a time, 401/403 until a probe works;
 a slot granted before a pause is not sent into it (`confirm`). Another client on the same account
 shows in the API's X-RateLimit-Remaining: what it uses is left to it (`quota_math.learnt_others`).
+A request whose answer is not recorded yet keeps its slot as if it arrived now (it may still), up to
+its deadline: the margin covers the delay from stamp to arrival however long the answer takes.
 The arithmetic is in `quota_math`; waking waiters of other processes in `quota_wake`.
 """
 
@@ -49,6 +51,9 @@ class Slot:
     started_at: datetime
     kind: str  # send | retry | replay | probe (what the caller asked for)
     probe: bool  # granted as the credentials probe: resume() or pause() on its outcome
+    # set by confirm(): the event loop's time by which the request must be over (the sender's
+    # deadline); it runs from before the stamp, so the request arrives within request_timeout of it
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -94,8 +99,12 @@ class Quota:
         *,
         worker: str,
         credentials_probe_every: float,
+        request_timeout: float,
     ) -> None:
         self.limits = limits
+        # api.timeout: a request arrives, if at all, by then after its stamp (the sender's deadline
+        # runs from before confirm()); until its answer is recorded it keeps its slot up to then
+        self.request_timeout = request_timeout
         self.limit = limits.requests
         self.span = limits.span
         self.granted = 0
@@ -223,7 +232,10 @@ class Quota:
         the slot and acquires again, which waits) if a span has passed, or if a pause began
         since the grant (a 429 or 401/403 that another worker or replica met meanwhile): the
         request is not sent into it. Under the ledger lock, as pause() is: one comes first.
+        The returned slot's `deadline` is when its request must be over (`request_timeout` from
+        before the new stamp): the ledger relies on no arrival later than that.
         """
+        deadline = asyncio.get_running_loop().time() + self.request_timeout
 
         async def restamp() -> tuple[datetime | None, str | None]:
             async with self._pool.acquire() as conn, conn.transaction():
@@ -242,7 +254,7 @@ class Quota:
                 "quota slot not confirmed: {}", "sending paused since the grant" if paused else "stale"
             )
             return None
-        return dataclasses.replace(slot, started_at=started_at)
+        return dataclasses.replace(slot, started_at=started_at, deadline=deadline)
 
     async def record(
         self,
@@ -259,10 +271,12 @@ class Quota:
     ) -> None:
         """Store a request's result in its ledger row, and what it says of other clients.
 
-        The API counts arrivals, and a request has arrived by the time its answer comes: the row's
-        stamp moves to no earlier than `margin` before the answer. Whatever delayed the request
-        between `confirm()` and the wire (a busy event loop, a new connection) is then covered by
-        the margin, and a request that was quick costs nothing.
+        The API counts arrivals, and a request has arrived by the time its answer comes, and by
+        its deadline (`request_timeout` after its stamp): the row's stamp moves to no earlier than
+        `margin` before the earlier of the two. Whatever delayed the request between `confirm()`
+        and the wire (a busy event loop, a new connection) is then covered by the margin, however
+        long the answer took, and a request that was quick costs nothing. Until this is recorded,
+        the row holds its slot as a request that may arrive now (`_ledger_window`).
 
         The API's `X-RateLimit-Remaining` describes its window when the request arrived: what it
         counts beyond our own starts in that window is other clients' (`others`, kept in the row;
@@ -288,7 +302,7 @@ class Quota:
                     request_id,
                     response_request_id,
                     error[:ERROR_MAX] if error else error,
-                    self.span,
+                    self.request_timeout,
                     self.limits.margin,
                     rate_limit_remaining,
                     rate_limit_limit,
@@ -335,7 +349,7 @@ class Quota:
                 remaining, fresh = await conn.fetchrow(
                     self._sql["upsert_pause"], reason, max(seconds, 0.0), detail
                 )
-                _, starts = await conn.fetchrow(self._sql["ledger_window"], self.span)
+                _, starts = await self._ledger_window(conn, self.span)
                 return remaining, fresh, sum(1 for start in starts if start + self.span > 0)
 
         remaining, fresh, used = await db.retrying(upsert, what="quota.pause")
@@ -372,7 +386,7 @@ class Quota:
 
         async def read() -> tuple[list[float], float | None, list[asyncpg.Record], int]:
             async with self._pool.acquire() as conn, conn.transaction(readonly=True):
-                now, starts = await conn.fetchrow(self._sql["ledger_window"], self.span + LEDGER_READ_SLACK)
+                now, starts = await self._ledger_window(conn)
                 last = await conn.fetchval(self._sql["last_grant"], now, self.span)
                 others, _ = await self._learnt(conn, now)
                 return starts, last, await conn.fetch(self._sql["pauses"], now), others
@@ -402,7 +416,7 @@ class Quota:
 
     async def prune(self, retention_days: float) -> int:
         """Delete ledger rows older than the retention (never one within the span); how many."""
-        keep = max(retention_days * 86400.0, self.span + LEDGER_READ_SLACK)
+        keep = max(retention_days * 86400.0, self.span + self.request_timeout + LEDGER_READ_SLACK)
 
         async def delete() -> int:
             async with self._pool.acquire() as conn:
@@ -420,7 +434,7 @@ class Quota:
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(self._sql["lock_ledger"], self._schema)
             # Read after the lock: every grant committed before it is visible, and it is older.
-            now, starts = await conn.fetchrow(self._sql["ledger_window"], self.span + LEDGER_READ_SLACK)
+            now, starts = await self._ledger_window(conn)
             pauses = await conn.fetch(self._sql["pauses"], now)
             used = sum(1 for start in starts if start + self.span > 0)
             pause_left = max((row["remaining"] or 0.0 for row in pauses), default=0.0)
@@ -479,6 +493,18 @@ class Quota:
         if ok:
             for reason in HELD:
                 await self.resume(reason)
+
+    async def _ledger_window(
+        self, conn: asyncpg.Connection, seconds: float | None = None
+    ) -> tuple[datetime, list[float]]:
+        """The database clock, and the starts of the last `seconds` (default: the span and a
+        little more) relative to it; a request with no answer yet counts as starting as late as
+        it may still arrive (less the margin), up to its deadline."""
+        read = self.span + LEDGER_READ_SLACK if seconds is None else seconds
+        now, starts = await conn.fetchrow(
+            self._sql["ledger_window"], read, self.request_timeout, self.limits.margin
+        )
+        return now, starts
 
     async def _learnt(
         self, conn: asyncpg.Connection, now: datetime | None = None

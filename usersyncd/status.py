@@ -75,7 +75,14 @@ async def collect(
     schema = config.database.state_schema
     q = db.quote_ident(schema)
     sql = db.queries("status", schema)
-    quota = Quota(pool, config.limits, schema, worker="status", credentials_probe_every=config.retry.backoff)
+    quota = Quota(
+        pool,
+        config.limits,
+        schema,
+        worker="status",
+        credentials_probe_every=config.retry.backoff,
+        request_timeout=config.api.timeout,
+    )
     state = await quota.state()
     async with pool.acquire() as conn:
         counts = dict(await conn.fetchrow(sql["counts"], None if exact else ESTIMATE_ABOVE))

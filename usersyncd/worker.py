@@ -217,7 +217,11 @@ class SyncUserBatch:
         if not held:  # taken over while the database was away (G6)
             await self.quota.release(slot)
             raise _BatchLost()
-        if confirmed is None:  # a whole span passed while forming: this slot is stale
+        if (
+            confirmed is None
+            or confirmed.deadline is None
+            or (asyncio.get_running_loop().time() >= confirmed.deadline)
+        ):  # a whole span passed while forming, or api.timeout while confirming: this slot is stale
             await self.quota.release(slot)
             raise outcomes.SendAgain()
         slot = confirmed
@@ -227,7 +231,7 @@ class SyncUserBatch:
         subscribers = [m.payload for m in members]
         subscribers += [{records.EMAIL: m.also} for m in members if m.also]  # unsubscribes' other email
         outcome = await self.client.send(
-            subscribers, batch_id=batch.id, attempt=attempt_no, action=batch.action
+            subscribers, batch_id=batch.id, attempt=attempt_no, action=batch.action, deadline=slot.deadline
         )
         await self.quota.record(slot, **outcome.ledger_fields())
         self.metrics.observe_request(outcome.kind.value, outcome.duration_ms)

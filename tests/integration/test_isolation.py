@@ -30,7 +30,7 @@ async def quota(database_url: str) -> AsyncIterator[Quota]:
     finally:
         await conn.close()
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=5)
-    made = Quota(pool, LIMITS, SCHEMA, worker="w1", credentials_probe_every=0.2)
+    made = Quota(pool, LIMITS, SCHEMA, worker="w1", credentials_probe_every=0.2, request_timeout=0.0)
     try:
         yield made
     finally:

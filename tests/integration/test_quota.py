@@ -13,8 +13,9 @@ from datetime import datetime, timedelta
 import asyncpg
 import pytest
 
-from usersyncd import db
-from usersyncd.config import LimitsConfig
+from usersyncd import api, db
+from usersyncd.config import ApiConfig, LimitsConfig
+from usersyncd.fakeapi import FakeApiProcess
 from usersyncd.quota import Quota, Slot
 
 pytestmark = pytest.mark.db
@@ -39,10 +40,23 @@ async def make_quota(database_url: str) -> AsyncIterator[MakeQuota]:
     pools: list[asyncpg.Pool] = []
     quotas: list[Quota] = []
 
-    async def make(worker: str = "w1", probe_every: float = 5.0, limits: LimitsConfig = LIMITS) -> Quota:
+    async def make(
+        worker: str = "w1", probe_every: float = 5.0, limits: LimitsConfig = LIMITS, timeout: float = 0.0
+    ) -> Quota:
+        """`timeout` 0: a slot taken and never recorded is a request over at once, so the grant
+        arithmetic shows plain; the tests of requests in flight give one."""
         pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10)
         pools.append(pool)
-        quotas.append(Quota(pool, limits, SCHEMA, worker=worker, credentials_probe_every=probe_every))
+        quotas.append(
+            Quota(
+                pool,
+                limits,
+                SCHEMA,
+                worker=worker,
+                credentials_probe_every=probe_every,
+                request_timeout=timeout,
+            )
+        )
         return quotas[-1]
 
     yield make
@@ -417,3 +431,64 @@ async def test_ledger_commits_are_synchronous(make_quota: MakeQuota, conn: Conn)
         "pauses INSERT",
     ]
     assert {row["setting"] for row in seen} == {"on"}
+
+
+# ---- requests whose arrival the ledger does not know yet ---------------------------------------
+
+IN_FLIGHT = LimitsConfig(requests=1, window=1.0, margin=0.05)  # one request per 1.05 s span
+
+
+async def test_a_request_late_to_the_wire_and_slow_to_answer_keeps_its_slot(make_quota: MakeQuota) -> None:
+    """G1 where the margin alone did not hold (found by the 30-minute soak, seed 696074): a
+    request that reaches the API later than the margin after its stamp (a stalled event loop, a
+    slow connect) and is answered only after a span. The next request must not start until the
+    first one's answer says it has arrived; the fake API, in its own process, counts arrivals."""
+    quota = await make_quota(limits=IN_FLIGHT, timeout=4.0)
+    fake = FakeApiProcess(api_key="k", limit_requests=1, window=IN_FLIGHT.window)
+    await fake.start()
+    client = api.ExternalUserApi(ApiConfig(url=fake.url, key="k", timeout=4.0))
+    try:
+        fake.script(503, delay=2.0)  # the first request is answered two spans after it arrives
+
+        async def send(stall: float) -> None:
+            slot = await quota.acquire(kind="send")
+            assert slot is not None
+            confirmed = await quota.confirm(slot)
+            assert confirmed is not None and confirmed.deadline is not None
+            await asyncio.sleep(stall)  # stamped, but not on the wire yet
+            outcome = await client.send([], deadline=confirmed.deadline)
+            await quota.record(confirmed, **outcome.ledger_fields())
+
+        first = asyncio.ensure_future(send(stall=0.3))
+        await asyncio.sleep(0.1)  # the first has its slot
+        began = time.monotonic()
+        await send(stall=0.0)
+        waited = time.monotonic() - began
+        await first
+        assert len(fake.requests) == 2
+        assert fake.violations == 0, f"{fake.max_in_window} requests arrived within one window"
+        # it waited for the first one's answer (about 2.2 s from now) and a window after it
+        assert waited >= 2.0 + IN_FLIGHT.window
+        assert waited < 2.2 + IN_FLIGHT.span + SLACK + 1.0
+    finally:
+        await client.aclose()
+        await fake.stop()
+
+
+async def test_a_request_never_answered_keeps_its_slot_until_its_deadline(
+    make_quota: MakeQuota, conn: Conn
+) -> None:
+    """A request whose process died before recording its answer may have arrived as late as its
+    deadline (`api.timeout` after its stamp): its slot is held until then and a span more, and
+    no longer (G1 and G2)."""
+    dead = await make_quota(limits=IN_FLIGHT, timeout=1.0)
+    slot = await dead.acquire(kind="send")
+    assert slot is not None and await dead.confirm(slot) is not None  # stamped; never recorded
+    began = time.monotonic()
+    alive = await make_quota(worker="w2", limits=IN_FLIGHT, timeout=1.0)
+    later = await alive.acquire(kind="send")
+    waited = time.monotonic() - began
+    assert later is not None
+    [died, granted] = await ledger(conn)
+    assert granted["started_at"] - died["started_at"] >= timedelta(seconds=1.0 + IN_FLIGHT.window)
+    assert 1.0 + IN_FLIGHT.window - 0.1 <= waited < 1.0 + IN_FLIGHT.span + SLACK

@@ -149,7 +149,9 @@ async def test_gone_users_go_in_unsubscribe_batches_and_come_back_active(
     config = make_config(database_url, fake.url, on_delete="unsubscribe")
     src = await source.inspect(conn, config.source)
     queue = Queue(pool, S, "user-sync", worker="test/w0", lease=30.0)
-    quota = Quota(pool, config.limits, S, worker="test", credentials_probe_every=1.0)
+    quota = Quota(
+        pool, config.limits, S, worker="test", credentials_probe_every=1.0, request_timeout=config.api.timeout
+    )
     client = api.ExternalUserApi(config.api)
     stop = asyncio.Event()
 

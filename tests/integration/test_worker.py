@@ -53,7 +53,14 @@ async def bed(database_url: str, seed: Any) -> AsyncIterator[Bed]:
         await seed(conn, 10)
         users = await source.inspect(conn, config.source)
     queue = Queue(pool, "usersync", "user-sync", worker="test/w0", lease=30.0)
-    quota = Quota(pool, config.limits, "usersync", worker="test", credentials_probe_every=1.0)
+    quota = Quota(
+        pool,
+        config.limits,
+        "usersync",
+        worker="test",
+        credentials_probe_every=1.0,
+        request_timeout=config.api.timeout,
+    )
     client = api.ExternalUserApi(config.api)
     stop = asyncio.Event()
 

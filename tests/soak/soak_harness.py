@@ -563,14 +563,19 @@ class Soak:
         checker = await self.database.connect()  # the set-up's connection may have seen a database stop
         try:
             await self._quiesce(checker, writer, began + s.settle)
+            self.report.settle_seconds = time.monotonic() - began
+            for index in range(len(self.replicas)):
+                await self._started(index)
+                if not await self._exited(index):
+                    await self._stop(index, "at the end")
+            self._check_api(api)
+            if self.report.violations:
+                try:
+                    self.out(await self._explain_violations(checker))
+                except Exception as exc:  # the G1 problem stands; only its explanation is lost
+                    self.out(f"soak: could not explain the quota violations: {exc!r}")
         finally:
             await checker.close()
-        self.report.settle_seconds = time.monotonic() - began
-        for index in range(len(self.replicas)):
-            await self._started(index)
-            if not await self._exited(index):
-                await self._stop(index, "at the end")
-        self._check_api(api)
         self._check_secrets()
 
     # ---- faults ----------------------------------------------------------------------------
@@ -919,6 +924,55 @@ class Soak:
             self._problem(
                 f"G6: {len(overlaps)} pairs of requests carried a user at once, e.g. {overlaps[:3]}"
             )
+
+    async def _explain_violations(self, conn: asyncpg.Connection) -> str:
+        """Every window the fake counted over the quota, request by request beside its ledger row:
+        how long after the ledger's stamp it arrived (`late`), and how long its answer took. A
+        request late by more than `limits.margin` whose answer came after a span shows the product
+        let an arrival slip; stamps on time everywhere show the fake stamped late."""
+        s = self.settings
+        ledger = {
+            row["request_id"]: row
+            for row in await conn.fetch(
+                "SELECT id, kind, worker, batch_id, attempt, status, outcome, duration_ms, request_id,"
+                " extract(epoch FROM granted_at)::float8 AS granted, extract(epoch FROM started_at)::float8 AS started"
+                " FROM usersync.requests WHERE request_id IS NOT NULL"
+            )
+        }
+        unanswered = await conn.fetch(
+            "SELECT id, kind, worker, extract(epoch FROM started_at)::float8 AS started"
+            " FROM usersync.requests WHERE request_id IS NULL ORDER BY started_at"
+        )
+        requests = sorted(self.api.requests, key=lambda req: req.arrived)
+        lines, shown = ["soak: the windows over the quota, each request beside its ledger row:"], 0
+        for i, last in enumerate(requests):
+            window = [req for req in requests[: i + 1] if req.arrived > last.arrived - s.window]
+            if len(window) <= s.requests or shown >= 3:
+                continue
+            shown += 1
+            lines.append(f"  a window of {len(window)} ending at {last.wall:.3f}:")
+            for req in window:
+                row = ledger.get(req.request_id)
+                took = (
+                    f"answered in {req.ended - req.arrived:.3f} s"
+                    if req.ended is not None
+                    else "never answered"
+                )
+                if row is None:
+                    near = min(unanswered, key=lambda r: abs(r["started"] - req.wall), default=None)
+                    lines.append(
+                        f"    {req.wall:.3f} {req.path} {req.status} {took}; no ledger row"
+                        f" names {req.request_id}; nearest unanswered row"
+                        f" {dict(near) if near else None}, late {req.wall - near['started'] if near else 0:.3f} s"
+                    )
+                    continue
+                lines.append(
+                    f"    {req.wall:.3f} {req.path} {req.status} {took}; ledger #{row['id']}"
+                    f" {row['kind']} {row['worker']} status {row['status']} {row['outcome']}"
+                    f" {row['duration_ms'] or 0:.0f} ms, granted {req.wall - row['granted']:.3f} s and"
+                    f" stamped {req.wall - row['started']:.3f} s before it arrived"
+                )
+        return "\n".join(lines)
 
     def _check_secrets(self) -> None:
         texts = [replica.text() for replica in self.replicas] + self.outputs

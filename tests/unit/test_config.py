@@ -496,8 +496,8 @@ def test_a_numeric_key_from_set_stays_a_string() -> None:
 
 
 def test_startup_warnings(tmp_path: Path) -> None:
-    """A short key, http:// off this machine, http.listen off loopback, api.timeout not below
-    limits.margin: one warning each (SPEC §5: warnings, not errors)."""
+    """A short key, http:// off this machine, http.listen off loopback: one warning each (SPEC §5:
+    warnings, not errors)."""
     config = load_config(
         None,
         environ={},
@@ -510,11 +510,12 @@ def test_startup_warnings(tmp_path: Path) -> None:
         },
     )
     warnings = config.warnings()
-    assert len(warnings) == 4
+    assert len(warnings) == 3
     assert any("api.key is only 1 character" in w for w in warnings)
     assert any("http://" in w for w in warnings)
     assert any("http.listen 0.0.0.0:9187" in w for w in warnings)
-    assert any("api.timeout (30 s) is not below limits.margin (0.02 s)" in w for w in warnings)
+    # api.timeout above limits.margin is no warning any more: a request with no answer holds its
+    # slot until its deadline (test_quota.py), so G1 does not rest on the margin covering it
     quiet = load_config(
         None,
         environ={},

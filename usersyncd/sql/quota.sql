@@ -13,11 +13,22 @@ SELECT pg_advisory_xact_lock(hashtext('usersyncd.quota:' || $1)),
 
 -- ledger_window --
 -- The database clock, and the starts of the last $1 seconds in seconds relative to it (<= 0), oldest first.
+-- A request with no answer recorded (outcome NULL: granted, in flight, or its process died) may not
+-- have arrived yet: it may arrive as late as now, or at most $2 seconds (api.timeout, the client's
+-- deadline from the stamp) after its stamp. It counts as starting at the latest of those less the
+-- margin ($3 s), which covers any arrival then: a request whose arrival is unknown keeps its slot.
 SELECT c.now,
-       ARRAY(SELECT extract(epoch FROM r.started_at - c.now)::float8
-             FROM {schema}.requests AS r
-             WHERE r.started_at > c.now - make_interval(secs => $1)
-             ORDER BY r.started_at) AS starts
+       ARRAY(SELECT s.at FROM (
+                 SELECT extract(epoch FROM
+                            CASE WHEN r.outcome IS NOT NULL THEN r.started_at
+                                 ELSE greatest(r.started_at,
+                                               least(c.now, r.started_at + make_interval(secs => $2))
+                                               - make_interval(secs => $3))
+                            END - c.now)::float8 AS at
+                 FROM {schema}.requests AS r
+                 WHERE r.started_at > c.now - make_interval(secs => $1 + $2)) AS s
+             WHERE s.at > -$1
+             ORDER BY s.at) AS starts
 FROM (SELECT clock_timestamp() AS now) AS c
 
 -- last_grant --
@@ -70,16 +81,18 @@ SELECT ARRAY(SELECT extract(epoch FROM started_at - $1::timestamptz)::float8
 DELETE FROM {schema}.requests WHERE id = $1
 
 -- record_result --
--- What became of a request. The API counts arrivals, and the request arrived before its answer:
--- its stamp moves to no earlier than the margin ($9 s) before now, so that the margin covers any
--- delay between the stamp and the arrival; not once a span ($8 s) has passed (see confirm_start).
+-- What became of a request. The API counts arrivals, and the request arrived before its answer and
+-- before its deadline ($8 s, api.timeout, after its stamp): its stamp moves to the margin ($9 s)
+-- before the earlier of now and that deadline, so that the margin covers any delay between the
+-- stamp and the arrival. Moving a stamp later only holds its slot longer, and until now the row
+-- held it as ledger_window counts a request with no answer, never less.
 -- $10, $11: the API's X-RateLimit-Remaining and -Limit; $12: other clients' requests learnt from them.
 UPDATE {schema}.requests
 SET status = $2, outcome = $3, duration_ms = $4, request_id = $5, response_request_id = $6,
     error = $7, rate_limit_remaining = $10, rate_limit_limit = $11, others = $12,
-    started_at = CASE WHEN clock_timestamp() < started_at + make_interval(secs => $8)
-                      THEN greatest(started_at, clock_timestamp() - make_interval(secs => $9))
-                      ELSE started_at END
+    started_at = greatest(started_at,
+                          least(clock_timestamp(), started_at + make_interval(secs => $8))
+                          - make_interval(secs => $9))
 WHERE id = $1
 
 -- ours_at --
