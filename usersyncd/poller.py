@@ -156,7 +156,7 @@ class UserSyncService:
         True when the end was reached."""
         lookback = timedelta(seconds=self.config.source.lookback)
         async with self.pool.acquire() as conn:
-            first_start, read_at = await conn.fetchrow(self.sql["first_start"])
+            first_start = await conn.fetchval(self.sql["first_start"])
             if reread:
                 # a row committed after the last whole re-read began (by any process) was
                 # stamped at most lookback before (SPEC G3): older rows were all seen by it. Not
@@ -170,19 +170,20 @@ class UserSyncService:
                 start = max(start, first_start)
             budget = self._live_budget()
             # counted before staging, to send the whole poll to one lane (a single change
-            # in the poll after a wave must not find the live lane full of it)
-            fresh = await conn.fetchval(self._fresh_sql, start, budget + 1)
+            # in the poll after a wave must not find the live lane full of it); the poll stages
+            # up to the last key the count saw, so a change committed while a wave is staged
+            # page by page is not swept into the wave: the next poll counts it apart
+            fresh, until_at, until_id, counted_at = await conn.fetchrow(self._fresh_sql, start, budget + 1)
         if not fresh:
             # the count was a whole scan that found nothing to stage: an idle poll reads the
-            # source once (one index probe), and the next re-read starts later all the same
+            # source once (two index probes), and the next re-read starts later all the same
             if reread:
-                await self.pool.execute(self.sql["reread_done"], read_at)
+                await self.pool.execute(self.sql["reread_done"], counted_at)
             return True
         wave = fresh > budget
         lane = PACED if wave else LIVE
         last_id: str | None = None
         staged = 0
-        scanned_at = None
         while True:
             async with self.pool.acquire() as conn, conn.transaction():
                 page = await conn.fetchrow(
@@ -192,6 +193,8 @@ class UserSyncService:
                     PAGE_SIZE,
                     lane,
                     max(budget - result.live_staged, 0),
+                    until_at,
+                    until_id,
                 )
                 if page["read"]:
                     # never ahead of the database clock: a row stamped in the future would
@@ -204,10 +207,9 @@ class UserSyncService:
             staged += page["staged"]
             if lane == LIVE and page["staged"] > page["live_staged"]:  # a wave the count missed
                 wave, lane = True, PACED
-            scanned_at = scanned_at or page["read_at"]
             if page["read"] < PAGE_SIZE:
-                if reread:
-                    await self.pool.execute(self.sql["reread_done"], scanned_at)
+                if reread:  # a row committed before the count is at or before the bound: seen
+                    await self.pool.execute(self.sql["reread_done"], counted_at)
                 break
             start, last_id = page["last_updated_at"], page["last_id"]
         if result.live_staged:

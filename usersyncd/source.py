@@ -68,7 +68,9 @@ class Source:
         live      $1 start updated_at, $2 start id (text; NULL without has_cursor_id), $3 page
                   size, $4 lane (live, or paced for a wave), $5 how many more the live lane
                   may take in: a page with more new versions goes to the paced lane (a wave
-                  committed after the poll counted it must not fill the live lane);
+                  committed late, behind the bound, must not fill the live lane); $6, $7 the
+                  last key when the poll counted (`fresh_count_sql`): the poll stages no row
+                  after it, those are the next poll's, counted afresh;
         backfill  the same, then $5 the first start (exclusive upper bound on updated_at) and
                   $6 lookback: a row stamped less than `lookback` before the statement may
                   still be committed late, so the walk waits for it (`whole`: it did not wait);
@@ -78,7 +80,7 @@ class Source:
         rows that fail `source.filter`: a user sync_state knows whose row was updated out of the
         filter is staged `gone` at once (G12), and one whose row passes again is no longer gone.
         Returns rows read, users staged (and of them in the live lane), the last key of the
-        page, and when the statement began (its snapshot is no older)."""
+        page, and for the backfill whether it did not wait for late commits (`whole`)."""
         upd = db.quote_ident(self.config.updated_at_column)
         uid = db.quote_ident(self.config.id_column)
         state = db.quote_ident(state_schema)
@@ -104,6 +106,7 @@ class Source:
                 whole = f"{bound} >= $5::timestamptz"
             version, limit, lane = f"{upd}", "$3", "$4"
             if scan == "live":
+                where += f" AND ({upd}, {uid}) <= ($6::timestamptz, $7::text::{self.id_type})"
                 lane = "CASE WHEN $4 = 0 AND (SELECT count(*) FROM fresh) > $5 THEN 1 ELSE $4 END"
         if scan == "backfill":
             # each row once, and none the other scans stage (older than the first start, not
@@ -155,7 +158,7 @@ class Source:
                    (SELECT count(*) FROM staged) AS staged,
                    (SELECT count(*) FROM staged WHERE lane = 0) AS live_staged,
                    last.updated_at AS last_updated_at, last.user_id AS last_id,
-                   {whole} AS whole, statement_timestamp() AS read_at
+                   {whole} AS whole
             FROM counted
             -- the page's last row, in the order it was read (a row_number() over the page and a
             -- sort on it cost a seventh of the statement)
@@ -167,22 +170,36 @@ class Source:
     def fresh_count_sql(self, state_schema: str) -> str:
         """How many rows the live scan will stage from $1, counted up to $2 (to tell a wave from
         single changes before staging any): rows updated out of the filter count too, so a bulk
-        soft-delete is a wave as a bulk update is (G11)."""
+        soft-delete is a wave as a bulk update is (G11). Also the last key (updated_at, id as
+        text) the statement sees, which bounds the poll's pages: a change committed while a wave
+        is being staged is not swept into it, the next poll counts it apart (found by CI: a
+        single change waited behind a wave still staging). And when the statement began: every
+        row committed before then is at or before the bound."""
         upd = db.quote_ident(self.config.updated_at_column)
         uid = db.quote_ident(self.config.id_column)
         state = db.quote_ident(state_schema)
         return f"""
-            SELECT count(*) FROM (
-                SELECT 1 FROM (
-                    SELECT {uid}::text AS user_id, {upd}::timestamptz AS updated_at,
-                           {self.where_filter} IS TRUE AS passes
-                    FROM {self.table}
-                    WHERE {upd} >= $1::timestamptz
-                ) AS p
-                LEFT JOIN {state}.sync_state AS s ON s.user_id = p.user_id
-                WHERE {STAGED}
-                LIMIT $2
-            ) AS fresh
+            WITH bound AS (
+                SELECT {upd} AS upd, {uid} AS uid FROM {self.table}
+                WHERE {upd} IS NOT NULL
+                ORDER BY {self.table}.{upd} DESC, {self.table}.{uid} DESC
+                LIMIT 1
+            )
+            SELECT (SELECT count(*) FROM (
+                        SELECT 1 FROM (
+                            SELECT {uid}::text AS user_id, {upd}::timestamptz AS updated_at,
+                                   {self.where_filter} IS TRUE AS passes
+                            FROM {self.table}
+                            WHERE {upd} >= $1::timestamptz
+                              AND ({upd}, {uid}) <= (SELECT upd, uid FROM bound)
+                        ) AS p
+                        LEFT JOIN {state}.sync_state AS s ON s.user_id = p.user_id
+                        WHERE {STAGED}
+                        LIMIT $2
+                    ) AS fresh) AS fresh,
+                   (SELECT upd::timestamptz FROM bound) AS until_at,
+                   (SELECT uid::text FROM bound) AS until_id,
+                   statement_timestamp() AS counted_at
         """
 
     def reconcile_sql(self, state_schema: str, *, has_cursor_id: bool) -> str:

@@ -97,6 +97,9 @@ async def test_a_single_change_overtakes_a_wave_that_drains_at_full_quota(
     wave_at = time.monotonic()
     await conn.execute("UPDATE users SET name = name || ' v2', updated_at = clock_timestamp()")
     await fake_api.wait_for(lambda api: api.accepted >= 2, timeout=10)  # the wave drains
+    # and is staged whole, so the tail is the wave's (a change while it is still being staged is
+    # the next poll's: test_source_and_poller's test of a change committed while a wave is staged)
+    await daemon.wait_for_log("wave:", timeout=30)
     tail = await conn.fetchval(
         "SELECT user_id FROM usersync.sync_state WHERE dirty AND batch_id IS NULL"
         " ORDER BY lane DESC, dirty_since DESC, user_id DESC LIMIT 1"

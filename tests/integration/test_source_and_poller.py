@@ -320,7 +320,7 @@ async def test_a_page_reads_the_index_in_order_also_for_timestamp_without_time_z
     start = await conn.fetchval("SELECT min(updated_at)::timestamptz FROM users")
     cases = {
         "backfill": (start, "5", 1000, 1, await conn.fetchval("SELECT clock_timestamp()"), 0.0),
-        "live": (start, "5", 1000, 0, 1000),
+        "live": (start, "5", 1000, 0, 1000, await conn.fetchval("SELECT clock_timestamp()"), "20000"),
         "nulls": ("5", 1000, 1),
     }
     for scan, args in cases.items():
@@ -412,9 +412,58 @@ async def test_a_wave_committed_after_the_poll_counted_still_goes_to_the_paced_l
     await service.init_cursors()
     await service.poll_once()
     await conn.execute("UPDATE usersync.sync_state SET dirty = false")
-    # saw one change (none: the poll reads no page, and the next one counts the wave)
-    service._fresh_sql = "SELECT 1 WHERE $1::timestamptz IS NOT NULL AND $2::int IS NOT NULL"
     await conn.execute("UPDATE users SET name = name || '+', updated_at = clock_timestamp()")
+    # the count saw one change, and the last key the wave has (as for a wave committed late,
+    # stamped before the count: rows after the last key are the next poll's)
+    service._fresh_sql = """
+        SELECT 1, updated_at, id::text, statement_timestamp() FROM users
+        WHERE $1::timestamptz IS NOT NULL AND $2::int IS NOT NULL
+        ORDER BY updated_at DESC, id DESC LIMIT 1"""
     wave = await service.poll_once(reread=False)
     assert wave.staged == 3000 and wave.live_staged <= config.limits.batch_size
     assert (await lanes(conn)).get(0, 0) == wave.live_staged
+
+
+async def test_a_change_committed_while_a_wave_is_staged_waits_for_the_next_poll_and_goes_live(
+    conn: asyncpg.Connection,
+    seed: Any,
+    pool: asyncpg.Pool,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A wave is staged page by page; a single change committed meanwhile is after the last key
+    the poll counted, so the wave's later pages leave it to the next poll, which stages it in the
+    live lane (G11). Found by CI: a change made while 20,000 users were being staged went paced
+    with them and waited behind the wave. The poll is held at its first page by a row lock."""
+    monkeypatch.setattr(poller, "PAGE_SIZE", 1000)
+    await seed(conn, 3500)
+    config = make_config(database_url, lookback=60.0)
+    service = make_service(config, pool, await source.inspect(conn, config.source))
+    service.lookahead = 100_000
+    await service.init_cursors()
+    await service.poll_once()
+    await conn.execute("UPDATE usersync.sync_state SET dirty = false")  # the backfill was sent
+    await conn.execute("UPDATE users SET name = name || '+', updated_at = clock_timestamp() WHERE id <= 3000")
+    first = await conn.fetchval("SELECT id::text FROM users WHERE id <= 3000 ORDER BY updated_at, id LIMIT 1")
+    holder = await asyncpg.connect(database_url)
+    try:
+        hold = holder.transaction()
+        await hold.start()
+        await holder.execute("SELECT 1 FROM usersync.sync_state WHERE user_id = $1 FOR UPDATE", first)
+        polling = asyncio.create_task(service.poll_once(reread=False))
+        for _ in range(200):  # the first page waits for the lock
+            if await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the poll never reached the locked row")
+        await conn.execute("UPDATE users SET name = 'single', updated_at = clock_timestamp() WHERE id = 3400")
+        await hold.rollback()
+        wave = await asyncio.wait_for(polling, 30)
+    finally:
+        await holder.close()
+    assert wave.staged == wave.wave == 3000 and wave.live_staged == 0
+    assert not await conn.fetchval("SELECT dirty FROM usersync.sync_state WHERE user_id = '3400'")
+    single = await service.poll_once(reread=False)
+    assert single.live_staged == 1 and single.wave == 0
+    assert await lanes(conn) == {0: 1, 1: 3000}

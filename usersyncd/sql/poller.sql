@@ -50,9 +50,8 @@ SELECT count(*) FROM (
 ) AS waiting;
 
 -- first_start --
--- The boundary between the lanes: rows older than the first start are the backfill's; and
--- when this statement began (a scan that follows it in the same poll begins later).
-SELECT until_at, statement_timestamp() AS read_at FROM {schema}.cursors WHERE lane = 'backfill';
+-- The boundary between the lanes: rows older than the first start are the backfill's.
+SELECT until_at FROM {schema}.cursors WHERE lane = 'backfill';
 
 -- wave_waiting --
 -- Of the paced lane's waiting users, those staged for a change since the first start (waves),
