@@ -176,7 +176,7 @@ class UserSyncService:
             fresh, until_at, until_id, counted_at = await conn.fetchrow(self._fresh_sql, start, budget + 1)
         if not fresh:
             # the count was a whole scan that found nothing to stage: an idle poll reads the
-            # source once (two index probes), and the next re-read starts later all the same
+            # source once (one index probe), and the next re-read starts later all the same
             if reread:
                 await self.pool.execute(self.sql["reread_done"], counted_at)
             return True

@@ -170,36 +170,39 @@ class Source:
     def fresh_count_sql(self, state_schema: str) -> str:
         """How many rows the live scan will stage from $1, counted up to $2 (to tell a wave from
         single changes before staging any): rows updated out of the filter count too, so a bulk
-        soft-delete is a wave as a bulk update is (G11). Also the last key (updated_at, id as
-        text) the statement sees, which bounds the poll's pages: a change committed while a wave
-        is being staged is not swept into it, the next poll counts it apart (found by CI: a
-        single change waited behind a wave still staging). And when the statement began: every
-        row committed before then is at or before the bound."""
+        soft-delete is a wave as a bulk update is (G11). When there are some, also the last key
+        (updated_at, id as text) of the same snapshot, which bounds the poll's pages: a change
+        committed while a wave is being staged is not swept into it, the next poll counts it
+        apart (found by CI: a single change waited behind a wave still staging). An idle poll
+        does not read the key (an initplan runs when first needed): one index probe. And when
+        the statement began: every row committed before then is at or before the key."""
         upd = db.quote_ident(self.config.updated_at_column)
         uid = db.quote_ident(self.config.id_column)
         state = db.quote_ident(state_schema)
         return f"""
-            WITH bound AS (
-                SELECT {upd} AS upd, {uid} AS uid FROM {self.table}
+            WITH counted AS (
+                SELECT count(*) AS fresh FROM (
+                    SELECT 1 FROM (
+                        SELECT {uid}::text AS user_id, {upd}::timestamptz AS updated_at,
+                               {self.where_filter} IS TRUE AS passes
+                        FROM {self.table}
+                        WHERE {upd} >= $1::timestamptz
+                    ) AS p
+                    LEFT JOIN {state}.sync_state AS s ON s.user_id = p.user_id
+                    WHERE {STAGED}
+                    LIMIT $2
+                ) AS fresh
+            ), bound AS (
+                SELECT {upd}::timestamptz AS until_at, {uid}::text AS until_id FROM {self.table}
                 WHERE {upd} IS NOT NULL
                 ORDER BY {self.table}.{upd} DESC, {self.table}.{uid} DESC
                 LIMIT 1
             )
-            SELECT (SELECT count(*) FROM (
-                        SELECT 1 FROM (
-                            SELECT {uid}::text AS user_id, {upd}::timestamptz AS updated_at,
-                                   {self.where_filter} IS TRUE AS passes
-                            FROM {self.table}
-                            WHERE {upd} >= $1::timestamptz
-                              AND ({upd}, {uid}) <= (SELECT upd, uid FROM bound)
-                        ) AS p
-                        LEFT JOIN {state}.sync_state AS s ON s.user_id = p.user_id
-                        WHERE {STAGED}
-                        LIMIT $2
-                    ) AS fresh) AS fresh,
-                   (SELECT upd::timestamptz FROM bound) AS until_at,
-                   (SELECT uid::text FROM bound) AS until_id,
+            SELECT fresh,
+                   CASE WHEN fresh > 0 THEN (SELECT until_at FROM bound) END AS until_at,
+                   CASE WHEN fresh > 0 THEN (SELECT until_id FROM bound) END AS until_id,
                    statement_timestamp() AS counted_at
+            FROM counted
         """
 
     def reconcile_sql(self, state_schema: str, *, has_cursor_id: bool) -> str:
